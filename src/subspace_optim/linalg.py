@@ -1,0 +1,71 @@
+"""Linear algebra in fp32 for subspace selection: SVD, QR, random bases, subspace overlap.
+
+Every factorisation here runs in float32 (or float64 on a retry) whatever the parameter dtype:
+``torch.linalg.svd`` has no bf16 kernel, and a low-precision basis would drift from orthonormality.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def svd_fp32(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Thin SVD of ``matrix`` (k, l) in fp32: returns ``U`` (k, min(k, l)) and ``S`` (min(k, l),).
+
+    Singular vectors get a canonical sign (the largest-magnitude entry of each column positive), so
+    the same gradient gives the same basis whatever LAPACK's sign convention. If the fp32 SVD fails to
+    converge (ill-conditioned input), it is retried once in float64 before the error propagates.
+    """
+    a = matrix.detach().to(torch.float32)
+    try:
+        u, s, _ = torch.linalg.svd(a, full_matrices=False)
+    except torch.linalg.LinAlgError:
+        u, s, _ = torch.linalg.svd(a.double(), full_matrices=False)
+        u, s = u.float(), s.float()
+    return canonical_signs(u), s
+
+
+def canonical_signs(basis: torch.Tensor) -> torch.Tensor:
+    """Flip each column of ``basis`` (k, r) so that its largest-magnitude entry is positive."""
+    if basis.numel() == 0:
+        return basis
+    idx = basis.abs().argmax(dim=0, keepdim=True)  # (1, r)
+    signs = torch.sign(torch.gather(basis, 0, idx))
+    signs[signs == 0] = 1
+    return basis * signs
+
+
+def orthonormalize(matrix: torch.Tensor) -> torch.Tensor:
+    """Orthonormal basis (k, r) of the columns of ``matrix`` (k, r) by reduced QR in fp32.
+
+    The sign of each column is fixed by making R's diagonal non-negative, so QR is unique.
+    """
+    q, r = torch.linalg.qr(matrix.to(torch.float32), mode="reduced")
+    d = torch.sign(torch.diagonal(r))
+    d[d == 0] = 1
+    return q * d
+
+
+def random_orthonormal(
+    rows: int, rank: int, generator: torch.Generator, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """A random (rows, rank) fp32 basis with orthonormal columns: Gaussian, then QR.
+
+    The distribution is uniform (Haar) on the Stiefel manifold because R's diagonal is made
+    positive. ``generator`` must live on ``device``.
+    """
+    gauss = torch.randn(rows, rank, generator=generator, device=device, dtype=torch.float32)
+    return orthonormalize(gauss)
+
+
+def subspace_overlap(old: torch.Tensor, new: torch.Tensor) -> float:
+    """Overlap of two subspaces given by orthonormal bases (k, r1) and (k, r2), in [0, 1].
+
+    ``||old^T new||_F^2 / min(r1, r2)``: the mean squared cosine of the principal angles. 1 means the
+    subspaces coincide (GaLore's frozen subspace), about r/k means unrelated random subspaces.
+    """
+    r = min(old.shape[1], new.shape[1])
+    if r == 0:
+        return 1.0
+    c = old.to(torch.float32).T @ new.to(torch.float32)  # (r1, r2)
+    return float((c * c).sum() / r)

@@ -1,0 +1,310 @@
+"""``SubspaceOptimizer``: one ``torch.optim.Optimizer`` that composes selector x inner rule x transition.
+
+It covers GaLore (arXiv 2403.03507) and I3S (arXiv 2502.05790) as presets (see ``presets.py``).
+Deliberate deviations from galore-torch: decoupled weight decay is applied before the update, as in
+``torch.optim.AdamW`` (galore-torch applies it after); projections run in fp32 with an fp32 projector
+whatever the parameter dtype; the inner Adam uses torch's AdamW arithmetic (epsilon added after the
+bias-corrected square root) so the dense path matches ``torch.optim.AdamW`` bit for bit.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch.optim import Optimizer
+
+from .inner import get_inner
+from .linalg import subspace_overlap
+from .selectors import SELECTORS, SelectionContext, get_selector
+from .sides import projects_left
+from .transitions import TRANSITIONS, get_transition
+from .validation import side_from_proj_type, validate_group, validate_nonfinite
+
+GALORE_KEYS = ("rank", "update_proj_gap", "scale", "proj_type")
+# State that torch's load_state_dict would cast to the parameter dtype (it spares only "step"):
+# kept at its saved dtype instead. Components add their own through ``exact_state_keys``.
+BASE_EXACT_STATE_KEYS = ("step", "projector")
+
+
+def _scalar_dtype() -> torch.dtype:
+    # torch.optim's choice for the "step" tensor, so that the dense path matches AdamW exactly.
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+class SubspaceOptimizer(Optimizer):
+    """AdamW whose 2-D weights train in a low-rank subspace of their gradient.
+
+    Per step, for every parameter with a gradient:
+
+    1. Check every gradient first: sparse or complex gradients raise ``RuntimeError``; a non-finite
+       gradient raises (``nonfinite="error"``, naming the parameter and its step) or skips the whole
+       step (``"skip"``, counted in ``skipped_steps``), in both cases before anything is modified.
+    2. Dense parameters (groups with ``subspace=False``, 1-D, 0-D and empty tensors) take the inner
+       rule on the full gradient; with ``inner="adam"`` this is ``torch.optim.AdamW`` exactly.
+    3. A 2-D parameter in a subspace group is put in left form ``G`` (k, l) by the side rule
+       (``sides.py``); rank ``r = min(rank, k)`` (a larger rank is clipped, making the projection
+       the whole space).
+    4. At its first step and whenever its step count (before this step) is a multiple of
+       ``update_proj_gap`` (or every step, for ``every_step`` selectors), the selector picks a new
+       fp32 basis ``P`` (k, r); the transition updates the inner state for the change of basis and
+       the overlap ``||P_old^T P_new||_F^2 / r`` is recorded.
+    5. ``R = P^T G`` (r, l) in fp32, cast to the state dtype; the inner rule turns ``R`` into a
+       direction ``N``; the update ``U = scale * P N`` is transposed back for right projections.
+    6. ``W <- (1 - lr * weight_decay) * W - lr * U``.
+
+    Args:
+        params: an iterable of tensors, of ``(name, tensor)`` pairs, or of param-group dicts. A group
+            is projected when it sets ``subspace=True`` or any GaLore key (``rank``,
+            ``update_proj_gap``, ``scale``, ``proj_type``), as in galore-torch; see
+            :func:`subspace_param_groups` to build groups from a model.
+        lr (float, 1e-3): learning rate, >= 0.
+        betas (tuple, (0.9, 0.999)): Adam coefficients, each in [0, 1).
+        eps (float, 1e-8): Adam epsilon, >= 0.
+        weight_decay (float, 0.0): decoupled weight decay, >= 0.
+        rank (int, 128): subspace rank, >= 1; clipped to the projected dimension.
+        update_proj_gap (int, 200): steps between refreshes, >= 1.
+        scale (float, 1.0): multiplier of the projected update, > 0 (GaLore's alpha).
+        side (str, "galore"): one of ``sides.SIDES``; galore-torch's ``proj_type`` key is accepted
+            in groups (``std``, ``reverse_std``, ``left``, ``right``).
+        selector (str, "dominant"): ``dominant``, ``importance``, ``random`` or ``coordinate``.
+        transition (str, "keep"): ``keep`` or ``reset``.
+        inner (str, "adam"): the inner rule.
+        seed (int, 0): seeds the counter-based generators of random selectors, >= 0.
+        subspace (bool or None, None): default for groups that set neither ``subspace`` nor a GaLore
+            key; None means dense, as in galore-torch.
+        nonfinite (str, "error"): ``error`` or ``skip``.
+
+    Changing ``rank`` or ``side`` of a group mid-run raises ``ValueError`` at the next step of an
+    affected parameter; ``lr``, ``betas``, ``eps``, ``weight_decay``, ``scale`` and
+    ``update_proj_gap`` may change at any time; a new ``selector`` is used from the next refresh.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        rank: int = 128,
+        update_proj_gap: int = 200,
+        scale: float = 1.0,
+        side: str = "galore",
+        selector: str = "dominant",
+        transition: str = "keep",
+        inner: str = "adam",
+        seed: int = 0,
+        subspace: bool | None = None,
+        nonfinite: str = "error",
+    ):
+        validate_nonfinite(nonfinite)
+        self.nonfinite = nonfinite
+        self._default_subspace = subspace
+        defaults = dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank,
+            update_proj_gap=update_proj_gap, scale=scale, side=side, selector=selector,
+            transition=transition, inner=inner, seed=seed, skipped_steps=0,
+        )
+        super().__init__(params, defaults)
+        if not any(g["subspace"] for g in self.param_groups):
+            warnings.warn(
+                f"{type(self).__name__}: no parameter group is projected, so this is plain AdamW; "
+                "pass groups with subspace=True (or rank=...), or build them with "
+                "subspace_param_groups(model)",
+                stacklevel=2,
+            )
+
+    # ----------------------------------------------------------------- groups and state handling
+    def add_param_group(self, param_group: dict) -> None:
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group: expected a dict, got {type(param_group).__name__}")
+        group = dict(param_group)
+        if "proj_type" in group:
+            group.setdefault("side", side_from_proj_type(group.pop("proj_type")))
+        if "subspace" not in group:
+            explicit = any(key in group for key in GALORE_KEYS)
+            group["subspace"] = explicit or bool(getattr(self, "_default_subspace", None))
+        super().add_param_group(group)
+        added = self.param_groups[-1]
+        try:
+            validate_group(added)
+            if added["subspace"]:
+                names = added.get("param_names")
+                for i, p in enumerate(added["params"]):
+                    if p.dim() > 2:
+                        name = names[i] if names else f"#{i}"
+                        raise ValueError(
+                            f"params: subspace groups take 1-D and 2-D tensors; parameter {name} has "
+                            f"shape {tuple(p.shape)}; put it in a dense group (subspace=False)"
+                        )
+        except ValueError:
+            self.param_groups.pop()
+            raise
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:  # dicts saved by older versions lack newer keys
+            group.setdefault("subspace", False)
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+
+    def _exact_state_keys(self) -> set[str]:
+        keys = set(BASE_EXACT_STATE_KEYS)
+        for component in (*SELECTORS.values(), *TRANSITIONS.values()):
+            keys.update(component.exact_state_keys)
+        for group in self.param_groups:
+            keys.update(get_inner(group["inner"]).exact_state_keys)
+        return keys
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's ``load_state_dict``, then the exact-dtype keys (``step``, fp32 projectors, integer
+        and RNG state) are restored at their saved dtype, and no state tensor aliases ``state_dict``.
+        """
+        captured = {}
+        handle = self.register_load_state_dict_pre_hook(lambda opt, sd: captured.setdefault("sd", sd))
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            handle.remove()
+        saved = captured["sd"]
+        exact = self._exact_state_keys()
+        for saved_group, group in zip(saved["param_groups"], self.param_groups):
+            for pid, p in zip(saved_group["params"], group["params"]):
+                saved_state = saved["state"].get(pid)
+                if not saved_state:
+                    continue
+                state = self.state[p]
+                for key, value in saved_state.items():
+                    if not isinstance(value, torch.Tensor):
+                        continue
+                    if key in exact:
+                        state[key] = value.to(device=p.device, copy=True)
+                    elif state[key].data_ptr() == value.data_ptr():
+                        state[key] = state[key].clone()
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped by ``nonfinite="skip"``."""
+        return self.param_groups[0]["skipped_steps"] if self.param_groups else 0
+
+    # ------------------------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = []
+        for gi, group in enumerate(self.param_groups):
+            names = group.get("param_names")
+            for pi, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                key = names[pi] if names else f"{gi}.{pi}"
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients ({key})")
+                if torch.is_complex(p) or torch.is_complex(p.grad):
+                    raise RuntimeError(f"{type(self).__name__} does not support complex parameters ({key})")
+                work.append((group, key, p))
+        bad = self._first_nonfinite(work)
+        if bad is not None:
+            key, p = bad
+            if self.nonfinite == "error":
+                step = int(self.state[p]["step"]) + 1 if "step" in self.state[p] else 1
+                raise RuntimeError(
+                    f"{type(self).__name__}: non-finite gradient in parameter {key} at its step {step}; "
+                    "nothing was updated (nonfinite='skip' skips such steps instead)"
+                )
+            for group in self.param_groups:
+                group["skipped_steps"] += 1
+            return loss
+        for group, key, p in work:
+            if group["subspace"] and p.dim() == 2 and p.numel() > 0:
+                self._subspace_update(group, key, p)
+            else:
+                self._dense_update(group, p)
+        return loss
+
+    @staticmethod
+    def _first_nonfinite(work):
+        if not work:
+            return None
+        by_device = {}
+        for _, key, p in work:
+            by_device.setdefault(p.grad.device, []).append(p.grad)
+        # One synchronisation per device; the offender is searched only when there is one.
+        if all(bool(torch.stack([g.isfinite().all() for g in grads]).all()) for grads in by_device.values()):
+            return None
+        for _, key, p in work:
+            if not bool(p.grad.isfinite().all()):
+                return key, p
+        return None
+
+    def _dense_update(self, group: dict, p: torch.Tensor) -> None:
+        inner = get_inner(group["inner"])
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
+            inner.init_state(state, p)
+        state["step"] += 1
+        step = state["step"].item()
+        lr, wd = group["lr"], group["weight_decay"]
+        if wd != 0:
+            p.mul_(1 - lr * wd)
+        d = inner.direction(p.grad, state, group, step)
+        if d.denominator is None:
+            p.add_(d.numerator, alpha=-(lr / d.step_divisor))
+        else:
+            p.addcdiv_(d.numerator, d.denominator, value=-(lr / d.step_divisor))
+
+    def _subspace_update(self, group: dict, key: str, p: torch.Tensor) -> None:
+        inner = get_inner(group["inner"])
+        selector = get_selector(group["selector"])
+        state = self.state[p]
+        m, n = p.shape
+        left = projects_left(group["side"], m, n)
+        grad = p.grad if left else p.grad.T  # (k, l)
+        k = grad.shape[0]
+        rank = min(group["rank"], k)
+        if not state:
+            state["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
+            state["inner_step"] = 0
+            state["refresh_count"] = 0
+            state["project_left"] = left
+        elif state["project_left"] != left or state["projector"].shape[1] != rank:
+            raise ValueError(
+                f"rank/side: parameter {key} was set up with a rank-{state['projector'].shape[1]} "
+                f"{'left' if state['project_left'] else 'right'} projection; these cannot change mid-run"
+            )
+        previous = state.get("projector")
+        steps_done = int(state["step"])
+        if previous is None or selector.every_step or steps_done % group["update_proj_gap"] == 0:
+            grad32 = grad.to(torch.float32)
+            ctx = SelectionContext(state, group, key, state["refresh_count"])
+            basis = selector.select(grad32, previous, rank, ctx)
+            if previous is None:
+                inner.init_state(state, torch.empty((rank, grad.shape[1]), dtype=p.dtype, device=p.device))
+            else:
+                state["overlap"] = subspace_overlap(previous, basis)
+                get_transition(group["transition"]).apply(state, inner, previous, basis)
+            state["projector"] = basis
+            state["refresh_count"] += 1
+        basis = state["projector"]  # (k, r) fp32, orthonormal columns
+        state["step"] += 1
+        state["inner_step"] += 1
+        reduced = (basis.T @ grad.to(torch.float32)).to(p.dtype)  # (r, l)
+        d = inner.direction(reduced, state, group, state["inner_step"])
+        update = basis @ d.dense().to(torch.float32)  # (k, l)
+        alpha = group["lr"] / d.step_divisor
+        if inner.sign_after_backprojection:
+            update = update.sign()  # Lion: the sign makes the scale irrelevant
+        else:
+            alpha = alpha * group["scale"]
+        if not left:
+            update = update.T
+        lr, wd = group["lr"], group["weight_decay"]
+        if wd != 0:
+            p.mul_(1 - lr * wd)
+        p.add_(update.to(p.dtype), alpha=-alpha)

@@ -1,0 +1,20 @@
+"""Subspace selectors, by name. Add one by subclassing :class:`Selector` and registering it here."""
+
+from .base import SelectionContext, Selector
+from .dominant import DominantSelector
+from .importance import ImportanceSelector, sample_without_replacement
+from .random import CoordinateSelector, RandomSelector
+
+SELECTORS: dict[str, Selector] = {
+    s.name: s for s in (DominantSelector(), ImportanceSelector(), RandomSelector(), CoordinateSelector())
+}
+
+
+def get_selector(name: str) -> Selector:
+    try:
+        return SELECTORS[name]
+    except KeyError:
+        raise ValueError(f"selector: unknown selector {name!r}; allowed: {sorted(SELECTORS)}") from None
+
+
+__all__ = ["SELECTORS", "SelectionContext", "Selector", "get_selector", "sample_without_replacement"]

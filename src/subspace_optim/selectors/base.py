@@ -1,0 +1,69 @@
+"""The selector interface: pick the r-dimensional subspace a 2-D gradient is projected onto.
+
+Selectors work on the gradient in *left form*: a (k, l) fp32 matrix whose k rows span the projected
+side (the optimizer transposes right-projected gradients first), and return a (k, r) fp32 basis with
+orthonormal columns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..rng import generator_for
+
+
+@dataclass
+class SelectionContext:
+    """What a selector may use besides the gradient.
+
+    ``state`` is the parameter's optimizer state (a selector may keep its own tensors there, listed
+    in its ``exact_state_keys`` so that ``load_state_dict`` keeps their dtype). ``refresh_index``
+    counts this parameter's refreshes before this one: with ``seed`` and ``key`` it names the random
+    stream, so every data-parallel rank and every resumed run draws the same numbers.
+    """
+
+    state: dict
+    group: dict
+    key: str
+    refresh_index: int
+
+    def generator(self, device: torch.device | str) -> torch.Generator:
+        return generator_for(self.group["seed"], self.key, self.refresh_index, device)
+
+
+class Selector:
+    """Base class. ``every_step`` selectors are called at every step, the others every
+    ``update_proj_gap`` steps (and at a parameter's first step)."""
+
+    name = "base"
+    every_step = False
+    exact_state_keys: tuple[str, ...] = ()
+
+    def select(
+        self, grad: torch.Tensor, previous: torch.Tensor | None, rank: int, ctx: SelectionContext
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def numerically_nonzero(singular_values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """Mask of singular values above LAPACK's rank tolerance ``sigma_1 * max(k, l) * eps(fp32)``.
+
+    Directions under it are noise: sampling them would pick arbitrary null-space vectors.
+    """
+    if singular_values.numel() == 0:
+        return singular_values.bool()
+    tol = singular_values[0] * max(shape) * torch.finfo(torch.float32).eps
+    return singular_values > tol
+
+
+def zero_gradient_basis(previous: torch.Tensor | None, rows: int, rank: int, device) -> torch.Tensor:
+    """The documented basis for an all-zero gradient, which carries no direction to choose from.
+
+    Keep the previous basis if there is one; at a parameter's first step use the first ``rank``
+    coordinate axes (a deterministic, orthonormal choice).
+    """
+    if previous is not None:
+        return previous
+    return torch.eye(rows, rank, dtype=torch.float32, device=device)

@@ -1,0 +1,23 @@
+"""GaLore's dominant subspace (Zhao et al., "GaLore: Memory-Efficient LLM Training by Gradient
+Low-Rank Projection", arXiv 2403.03507): the top-r left singular vectors of the gradient, by an fp32
+thin SVD. Ties in the spectrum are broken by LAPACK's order; signs are canonicalised."""
+
+from __future__ import annotations
+
+import torch
+
+from ..linalg import svd_fp32
+from .base import SelectionContext, Selector, zero_gradient_basis
+
+
+class DominantSelector(Selector):
+    """Top-r singular vectors. With an all-zero gradient the previous basis is kept (or, at the first
+    step, the first r coordinate axes): see :func:`zero_gradient_basis`."""
+
+    name = "dominant"
+
+    def select(self, grad, previous, rank, ctx: SelectionContext) -> torch.Tensor:
+        u, s = svd_fp32(grad)
+        if s.numel() == 0 or s[0] == 0:
+            return zero_gradient_basis(previous, grad.shape[0], rank, grad.device)
+        return u[:, :rank].contiguous()  # (k, r), orthonormal columns

@@ -1,0 +1,66 @@
+"""I3S importance-sampled subspaces ("Breaking the Frozen Subspace: Importance Sampling for Low-Rank
+Optimization in LLM Pretraining", arXiv 2502.05790, NeurIPS 2025; first titled "I3S").
+
+The sampling law implemented (the papers' own code is not public; this follows every available
+description, see ``shared/reference/algorithms.md`` section 2):
+
+1. Thin SVD of the gradient in fp32: ``G = U diag(s) V^T``, ``s_1 >= ... >= s_k``.
+2. Weights ``w_i = s_i / sum_j s_j``, proportional to the singular value itself (not its square).
+3. Draw ``r`` distinct indices by *successive sampling without replacement*: the first index with
+   probability ``w_i``, each next one with probability proportional to ``w_i`` among those not yet
+   drawn. This is the law of ``torch.multinomial(w, r, replacement=False)`` (Plackett-Luce), drawn
+   here as Gumbel-top-r on ``log w`` with the parameter's counter-based generator. Its marginal
+   inclusion probabilities are *not* proportional to ``w_i``; tests check the exact marginals.
+4. The drawn indices are sorted ascending, so the basis columns keep the spectrum's order and a
+   kept (GaLore-style) Adam state pairs coordinates by rank position.
+
+Edge cases (documented behaviour, tested): singular values under the numerical rank tolerance have
+weight zero and are never drawn; if at most ``r`` singular values are non-zero, all of them are taken
+and the remaining slots are filled with the next singular vectors in spectrum order, i.e. the result
+equals the dominant (GaLore) basis; an all-zero gradient keeps the previous basis (or takes the first
+r coordinate axes at the first step); ``r >= min(m, n)`` is clipped by the optimizer, which makes
+the selection the whole space.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..linalg import svd_fp32
+from .base import SelectionContext, Selector, numerically_nonzero, zero_gradient_basis
+
+
+def sample_without_replacement(weights: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
+    """``count`` distinct indices with successive weighted sampling without replacement (sorted).
+
+    Gumbel-top-k: ``argtopk(log w_i + Gumbel_i)`` has the same law as drawing one index at a time
+    with probability proportional to the remaining weights. Only positive weights may be drawn, and
+    ``count`` must not exceed their number. Gumbels are drawn in float64 on the generator's device.
+    """
+    positive = weights > 0
+    if count > int(positive.sum()):
+        raise ValueError(f"count={count} exceeds the {int(positive.sum())} positive weights")
+    u = torch.rand(weights.shape, generator=generator, dtype=torch.float64, device=generator.device)
+    u = u.clamp_(min=torch.finfo(torch.float64).tiny)
+    keys = torch.log(weights.to(device=u.device, dtype=torch.float64)) - torch.log(-torch.log(u))
+    keys[~positive.to(u.device)] = -torch.inf
+    picked = torch.topk(keys, count).indices
+    return torch.sort(picked).values.to(weights.device)
+
+
+class ImportanceSelector(Selector):
+    """r singular vectors drawn without replacement with probability proportional to sigma."""
+
+    name = "importance"
+
+    def select(self, grad, previous, rank, ctx: SelectionContext) -> torch.Tensor:
+        u, s = svd_fp32(grad)
+        if s.numel() == 0 or s[0] == 0:
+            return zero_gradient_basis(previous, grad.shape[0], rank, grad.device)
+        nonzero = numerically_nonzero(s, tuple(grad.shape))
+        if int(nonzero.sum()) <= rank:
+            return u[:, :rank].contiguous()
+        weights = torch.where(nonzero, s, torch.zeros_like(s))
+        weights = weights / weights.sum()
+        idx = sample_without_replacement(weights, rank, ctx.generator(grad.device))
+        return u[:, idx].contiguous()  # (k, r), orthonormal columns

@@ -1,0 +1,67 @@
+"""Hyperparameter checks: every bad value raises ``ValueError`` naming the argument and its range."""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+from .inner import INNER_RULES
+from .selectors import SELECTORS
+from .sides import PROJ_TYPE_TO_SIDE, SIDES
+from .transitions import TRANSITIONS
+
+NONFINITE_POLICIES = ("error", "skip")
+
+
+def _real(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(float(value)):
+        raise ValueError(f"{name}: expected a finite real number, got {value!r}")
+    return float(value)
+
+
+def _integer(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
+
+
+def _choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}: unknown value {value!r}; allowed: {sorted(allowed)}")
+
+
+def validate_group(group: dict) -> None:
+    """Check the hyperparameters of one param group (dense groups skip the subspace keys)."""
+    if _real("lr", group["lr"]) < 0:
+        raise ValueError(f"lr: expected lr >= 0, got {group['lr']!r}")
+    if _real("eps", group["eps"]) < 0:
+        raise ValueError(f"eps: expected eps >= 0, got {group['eps']!r}")
+    betas = group["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"betas: expected a pair (beta1, beta2), got {betas!r}")
+    for i, beta in enumerate(betas):
+        if not 0.0 <= _real(f"betas[{i}]", beta) < 1.0:
+            raise ValueError(f"betas[{i}]: expected 0 <= beta < 1, got {beta!r}")
+    if _real("weight_decay", group["weight_decay"]) < 0:
+        raise ValueError(f"weight_decay: expected weight_decay >= 0, got {group['weight_decay']!r}")
+    if not isinstance(group["subspace"], bool):
+        raise ValueError(f"subspace: expected True or False, got {group['subspace']!r}")
+    _choice("inner", group["inner"], INNER_RULES)
+    if not group["subspace"]:
+        return
+    _integer("rank", group["rank"], 1)
+    _integer("update_proj_gap", group["update_proj_gap"], 1)
+    if _real("scale", group["scale"]) <= 0:
+        raise ValueError(f"scale: expected scale > 0, got {group['scale']!r}")
+    _choice("side", group["side"], SIDES)
+    _choice("selector", group["selector"], SELECTORS)
+    _choice("transition", group["transition"], TRANSITIONS)
+    _integer("seed", group["seed"], 0)
+
+
+def side_from_proj_type(proj_type) -> str:
+    _choice("proj_type", proj_type, PROJ_TYPE_TO_SIDE)
+    return PROJ_TYPE_TO_SIDE[proj_type]
+
+
+def validate_nonfinite(policy) -> None:
+    _choice("nonfinite", policy, NONFINITE_POLICIES)

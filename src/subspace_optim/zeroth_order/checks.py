@@ -1,0 +1,40 @@
+"""Hyperparameter validation for the zeroth-order optimizers (MeZO arXiv 2305.17333, SubZero arXiv
+2410.08989): every bad value raises ``ValueError`` naming the argument and its allowed range, so a
+typo never turns into silent damage.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Integral, Real
+
+
+def check_real(name: str, value, low: float, high: float = math.inf, *, low_open: bool = False,
+               high_open: bool = True) -> float:
+    """``value`` as a float if it is a finite real in the interval, else ``ValueError``."""
+    upper = "inf)" if high == math.inf else f"{high}{')' if high_open else ']'}"
+    interval = f"{'(' if low_open else '['}{low}, {upper}"
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(float(value)):
+        raise ValueError(f"{name} must be a finite number in {interval}, got {value!r}")
+    v = float(value)
+    if v < low or (low_open and v == low) or v > high or (high_open and v == high):
+        raise ValueError(f"{name} must be in {interval}, got {value!r}")
+    return v
+
+
+def check_int(name: str, value, low: int, high: int | None = None) -> int:
+    """``value`` as an int if it is an integer in ``[low, high]``, else ``ValueError``."""
+    interval = f"[{low}, {high}]" if high is not None else f"[{low}, inf)"
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise ValueError(f"{name} must be an integer in {interval}, got {value!r}")
+    v = int(value)
+    if v < low or (high is not None and v > high):
+        raise ValueError(f"{name} must be in {interval}, got {value!r}")
+    return v
+
+
+def check_choice(name: str, value, choices: tuple[str, ...]) -> str:
+    """``value`` if it is one of ``choices``, else ``ValueError``."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    return value
