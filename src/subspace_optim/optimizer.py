@@ -106,6 +106,7 @@ class SubspaceOptimizer(Optimizer):
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank,
             update_proj_gap=update_proj_gap, scale=scale, side=side, selector=selector,
             transition=transition, inner=inner, seed=seed, skipped_steps=0,
+            differentiable=False,  # torch.optim adds it on load; present from the start keeps state_dicts equal
         )
         super().__init__(params, defaults)
         if not any(g["subspace"] for g in self.param_groups):
@@ -143,7 +144,13 @@ class SubspaceOptimizer(Optimizer):
             self.param_groups.pop()
             raise
 
+    def __getstate__(self) -> dict:
+        # torch's pickles only defaults, state and param_groups; keep the per-optimizer settings too.
+        return {**super().__getstate__(), "nonfinite": self.nonfinite, "_default_subspace": self._default_subspace}
+
     def __setstate__(self, state: dict) -> None:
+        state.setdefault("nonfinite", "error")
+        state.setdefault("_default_subspace", None)
         super().__setstate__(state)
         for group in self.param_groups:  # dicts saved by older versions lack newer keys
             group.setdefault("subspace", False)

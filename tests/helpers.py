@@ -1,0 +1,72 @@
+"""Small models, data and comparisons shared by the optimizer property tests."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+class TinyNet(nn.Module):
+    """Two 2-D weights (one wide, one tall, one square-ish) and biases: both projection sides."""
+
+    def __init__(self, seed: int = 0, dtype=torch.float32):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.up = nn.Linear(6, 10)
+        self.down = nn.Linear(10, 4)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+        self.to(dtype)
+
+    def forward(self, x):
+        return self.down(torch.tanh(self.up(x)))
+
+
+def batches(n: int, seed: int = 1, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(16, 6, generator=g).to(dtype), torch.randn(16, 4, generator=g).to(dtype)) for _ in range(n)]
+
+
+def loss_of(model, batch):
+    x, y = batch
+    return ((model(x) - y) ** 2).mean()
+
+
+def groups_for(model: nn.Module, **subspace_options):
+    """Dense group for biases, subspace group for the two weights, with names."""
+    from subspace_optim import subspace_param_groups
+
+    return subspace_param_groups(model, "all-linear", **subspace_options)
+
+
+def train(model, opt, data):
+    losses = []
+    for batch in data:
+        opt.zero_grad()
+        loss = loss_of(model, batch)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def state_equal(a: dict, b: dict) -> bool:
+    """Bitwise equality of two (nested) optimizer state dicts."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(state_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(state_equal(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def params_equal(m1: nn.Module, m2: nn.Module) -> bool:
+    return all(torch.equal(p, q) for p, q in zip(m1.parameters(), m2.parameters()))
+
+
+def snapshot(model, opt):
+    return copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
