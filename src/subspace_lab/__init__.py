@@ -1,0 +1,1 @@
+"""The lab: pretrain, fine-tune, compare and report subspace optimizers (depends on the library)."""

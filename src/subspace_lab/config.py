@@ -1,0 +1,161 @@
+"""Typed run configuration for the lab.
+
+One `TrainConfig` describes a pretraining run completely: model, data, optimizer and loop settings.
+It round-trips through `to_dict` / `from_dict` (saved in every checkpoint and run directory), and
+`cli.py` maps every field onto a command-line flag: the flag name is the field's `flag` metadata
+(or its name with dashes), so the config and the CLI cannot drift apart.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def _f(default, help: str, flag: str | None = None, choices=None, **kw):
+    return field(default=default, metadata={"help": help, "flag": flag, "choices": choices}, **kw)
+
+
+@dataclass
+class ModelConfig:
+    name: str = _f("tiny", "model size: tiny, small, 60m, 130m, 350m, 1b, 7b", flag="model")
+
+
+@dataclass
+class DataConfig:
+    source: str = _f("kjv", "'kjv' (embedded King James Bible), a .txt/.jsonl file or directory, "
+                     "or a Hugging Face dataset name (e.g. allenai/c4)", flag="data")
+    data_config: str | None = _f(None, "dataset config name for a Hugging Face dataset (e.g. en)")
+    split: str = _f("train", "dataset split to read (Hugging Face datasets)")
+    text_field: str = _f("text", "field holding the text in jsonl / Hugging Face records")
+    streaming: bool | None = _f(None, "stream the dataset (default: on for hub datasets, "
+                                "off for local files)")
+    tokenizer: str = _f("bpe", "'bpe' (train and cache a byte-level BPE on the corpus) or a "
+                        "Hugging Face tokenizer name/path")
+    vocab_size: int = _f(4096, "vocabulary size of the trained BPE tokenizer")
+    seq_len: int = _f(128, "tokens per packed training sequence")
+    val_fraction: float = _f(0.02, "fraction of documents held out for validation (by hash)")
+    max_docs: int | None = _f(None, "read at most this many documents (streaming: per split)")
+    cache_dir: str | None = _f(None, "cache for tokenizers and token arrays "
+                               "(default: $SUBSPACE_CACHE or ~/.cache/subspace-optim)")
+
+
+@dataclass
+class OptimConfig:
+    name: str = _f("adamw", "optimizer: see `subspace_lab.optimizers.OPTIMIZERS`", flag="optimizer")
+    lr: float = _f(3e-3, "peak learning rate")
+    weight_decay: float = _f(0.0, "decoupled weight decay")
+    rank: int = _f(32, "subspace rank (subspace optimizers)")
+    update_proj_gap: int = _f(20, "steps between subspace refreshes (subspace optimizers)")
+    scale: float = _f(0.25, "update multiplier of the projected update (GaLore's scale)")
+    target_modules: str = _f("all-linear", "projected modules: 'all-linear', a comma list of "
+                             "substrings (attn,mlp) or a regex")
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    batch_size: int = _f(16, "sequences per micro-batch per process")
+    grad_accum: int = _f(1, "micro-batches accumulated per optimizer step")
+    steps: int | None = _f(None, "optimizer steps (default: from --tokens, else 200)")
+    tokens: int | None = _f(None, "token budget; sets steps = ceil(tokens / tokens per step)")
+    warmup_fraction: float = _f(0.1, "fraction of steps of linear warmup")
+    min_lr_ratio: float = _f(0.1, "cosine decays to this fraction of the peak lr (GaLore: 0.1)")
+    clip: float = _f(1.0, "global gradient-norm clip (0 disables)")
+    eval_every: int = _f(100, "steps between validation evaluations (0: only at the end)")
+    eval_batches: int = _f(8, "validation micro-batches per evaluation")
+    log_every: int = _f(10, "steps between train-metric records")
+    seed: int = _f(0, "seed for model init, data order and the optimizer")
+    nonfinite: str = _f("error", "non-finite loss or grad: 'error' aborts before the update, "
+                        "'skip' skips the update and counts it", choices=("error", "skip"))
+    checkpoint_every: int = _f(0, "steps between checkpoints (0: none)")
+    keep_last_k: int = _f(2, "checkpoints kept (older ones are purged after a new one commits)")
+    out_dir: str = _f("runs/pretrain", "run directory (metrics.jsonl, checkpoints/)")
+    device: str = _f("auto", "auto, cpu or cuda")
+    resume: bool = _f(False, "resume from the latest valid checkpoint in out_dir")
+    progress: bool = _f(True, "show a tqdm progress bar")
+
+    # ---- derived values -------------------------------------------------------------------
+    def tokens_per_step(self, world_size: int = 1) -> int:
+        return self.batch_size * self.grad_accum * world_size * self.data.seq_len
+
+    def total_steps(self, world_size: int = 1) -> int:
+        if self.steps is not None:
+            return self.steps
+        if self.tokens is not None:
+            return max(1, math.ceil(self.tokens / self.tokens_per_step(world_size)))
+        return 200
+
+    def validate(self) -> "TrainConfig":
+        def check(ok: bool, name: str, rule: str):
+            if not ok:
+                raise ValueError(f"config: {name} must be {rule}, got {_get(self, name)!r}")
+        for name in ("batch_size", "grad_accum", "data.seq_len", "data.vocab_size", "optim.rank",
+                     "optim.update_proj_gap", "eval_batches", "log_every", "keep_last_k"):
+            v = _get(self, name)
+            check(isinstance(v, int) and v >= 1, name, "an integer >= 1")
+        for name in ("eval_every", "checkpoint_every"):
+            check(isinstance(_get(self, name), int) and _get(self, name) >= 0, name, "an int >= 0")
+        check(self.steps is None or self.steps >= 1, "steps", ">= 1")
+        check(self.tokens is None or self.tokens >= 1, "tokens", ">= 1")
+        check(self.optim.lr > 0, "optim.lr", "> 0")
+        check(self.optim.weight_decay >= 0, "optim.weight_decay", ">= 0")
+        check(self.optim.scale > 0, "optim.scale", "> 0")
+        check(0 <= self.warmup_fraction < 1, "warmup_fraction", "in [0, 1)")
+        check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "in [0, 1]")
+        check(self.clip >= 0, "clip", ">= 0")
+        check(0 <= self.data.val_fraction < 1, "data.val_fraction", "in [0, 1)")
+        check(self.nonfinite in ("error", "skip"), "nonfinite", "'error' or 'skip'")
+        check(self.device in ("auto", "cpu", "cuda"), "device", "auto, cpu or cuda")
+        return self
+
+    # ---- serialisation ----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        return _from_dict(cls, d)
+
+
+def _get(cfg, dotted: str):
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _from_dict(cls, d: dict[str, Any]):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(d) - set(fields)
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown keys {sorted(unknown)}; allowed: {sorted(fields)}")
+    kwargs = {}
+    for name, value in d.items():
+        f = fields[name]
+        sub = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+        kwargs[name] = _from_dict(sub, value) if sub is not None and dataclasses.is_dataclass(sub) \
+            else value
+    return cls(**kwargs)
+
+
+def iter_fields(cfg_cls=TrainConfig, prefix: str = ""):
+    """Yield (dotted_name, dataclasses.Field) for every leaf field, nested configs flattened."""
+    for f in dataclasses.fields(cfg_cls):
+        if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory):
+            yield from iter_fields(f.default_factory, prefix + f.name + ".")
+        else:
+            yield prefix + f.name, f
+
+
+def flag_name(dotted: str, f: dataclasses.Field) -> str:
+    return f.metadata.get("flag") or dotted.rsplit(".", 1)[-1].replace("_", "-")
+
+
+def set_dotted(cfg, dotted: str, value) -> None:
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        cfg = getattr(cfg, p)
+    setattr(cfg, leaf, value)

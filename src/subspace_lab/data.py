@@ -1,0 +1,178 @@
+"""Training data: tokenize, split, pack into fixed-length sequences, and serve them in a seeded,
+resumable order.
+
+- Split: by document hash (`corpus.is_validation`), so it never depends on order or on how many
+  documents were read.
+- Packing: documents are joined with the tokenizer's eos token and cut into `seq_len` windows;
+  the last partial window is dropped.
+- Order (in-memory sources): epoch `e` visits the sequences in `randperm(N, seed=(seed, e))`.
+  Every optimizer step consumes one *global* batch of `batch_size * world_size` sequences; rank r
+  takes the r-th slice, so ranks see disjoint shards and the cursor is the same on every rank.
+- Streaming sources (hub datasets): sequences come in stream order (hub corpora such as C4 are
+  pre-shuffled); the cursor is the number of sequences consumed, and a resume re-reads the stream
+  up to it (deterministic, costs tokenization time, never needs the stream's internal state).
+The cursor is a dict of ints: `state_dict()` / `load_state_dict()`.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from .config import DataConfig
+from .corpus import Source, corpus_id, is_validation, iter_documents, resolve_source
+from .tokenizer import Tokenizer, load_tokenizer
+
+_ENCODE_CHUNK = 256
+_BPE_TRAIN_DOCS = 20_000  # a streamed corpus trains its BPE on its first documents
+
+
+def pack(token_lists: list[list[int]], eos_id: int, seq_len: int) -> torch.Tensor:
+    """Concatenate documents (each followed by eos) and cut into (N, seq_len) int64 rows."""
+    flat = [t for ids in token_lists for t in (*ids, eos_id)]
+    n = len(flat) // seq_len
+    return torch.tensor(flat[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+class InMemoryData:
+    """Packed train/validation sequences of a corpus that fits in memory."""
+
+    def __init__(self, train: torch.Tensor, val: torch.Tensor, tokenizer: Tokenizer, seed: int):
+        self.train, self.val, self.tokenizer, self.seed = train, val, tokenizer, seed
+        self.cursor = {"epoch": 0, "pos": 0}
+        self._perm_epoch, self._perm = -1, None
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if self._perm_epoch != epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm, self._perm_epoch = torch.randperm(len(self.train), generator=g), epoch
+        return self._perm
+
+    def next_batch(self, batch_size: int, rank: int = 0, world_size: int = 1) -> torch.Tensor:
+        need = batch_size * world_size
+        if need > len(self.train):
+            raise ValueError(f"a global batch needs {need} sequences but the training split has "
+                             f"only {len(self.train)}; lower --batch-size or --seq-len")
+        if self.cursor["pos"] + need > len(self.train):
+            self.cursor = {"epoch": self.cursor["epoch"] + 1, "pos": 0}
+        start = self.cursor["pos"] + rank * batch_size
+        idx = self._permutation(self.cursor["epoch"])[start: start + batch_size]
+        self.cursor = {**self.cursor, "pos": self.cursor["pos"] + need}
+        return self.train[idx]
+
+    def val_batches(self, batch_size: int, n_batches: int, rank: int = 0, world_size: int = 1):
+        """The fixed validation set (first `n_batches * batch_size` sequences), rank-sharded."""
+        rows = self.val[: n_batches * batch_size]
+        mine = rows[rank::world_size]
+        return [mine[i: i + batch_size] for i in range(0, len(mine), batch_size)]
+
+    def state_dict(self) -> dict:
+        return dict(self.cursor)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.cursor = {"epoch": int(state["epoch"]), "pos": int(state["pos"])}
+
+
+class StreamingData(InMemoryData):
+    """Sequences from a streamed dataset; validation is materialised once (it is small)."""
+
+    def __init__(self, cfg: DataConfig, source: Source, tokenizer: Tokenizer, seed: int,
+                 val: torch.Tensor):
+        super().__init__(torch.empty(0, cfg.seq_len, dtype=torch.long), val, tokenizer, seed)
+        self.cfg, self.source = cfg, source
+        self.cursor = {"epoch": 0, "pos": 0}
+        self._it: Iterator[torch.Tensor] | None = None
+
+    def _stream(self, epoch: int) -> Iterator[torch.Tensor]:
+        docs = (d for d in iter_documents(self.cfg, self.source)
+                if not is_validation(d, self.cfg.val_fraction))
+        yield from _packed_stream(docs, self.tokenizer, self.cfg.seq_len)
+
+    def next_batch(self, batch_size: int, rank: int = 0, world_size: int = 1) -> torch.Tensor:
+        if self._it is None:  # (re)open the stream and skip to the cursor
+            self._it = self._stream(self.cursor["epoch"])
+            for _ in range(self.cursor["pos"]):
+                next(self._it)
+        rows = []
+        for _ in range(batch_size * world_size):
+            row = next(self._it, None)
+            if row is None:  # end of the stream: next epoch
+                self.cursor = {"epoch": self.cursor["epoch"] + 1, "pos": 0}
+                self._it = self._stream(self.cursor["epoch"])
+                row = next(self._it, None)
+                if row is None:
+                    raise ValueError(f"dataset {self.cfg.source!r} yields no training sequences")
+            rows.append(row)
+            self.cursor["pos"] += 1
+        return torch.stack(rows[rank * batch_size: (rank + 1) * batch_size])
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self._it = None
+
+
+def _packed_stream(docs, tokenizer: Tokenizer, seq_len: int) -> Iterator[torch.Tensor]:
+    buf: list[int] = []
+    chunk: list[str] = []
+
+    def flush():
+        for ids in tokenizer.encode_batch(chunk):
+            buf.extend(ids)
+            buf.append(tokenizer.eos_id)
+        chunk.clear()
+
+    for d in docs:
+        chunk.append(d)
+        if len(chunk) >= _ENCODE_CHUNK:
+            flush()
+        while len(buf) >= seq_len:
+            yield torch.tensor(buf[:seq_len], dtype=torch.long)
+            del buf[:seq_len]
+    flush()
+    while len(buf) >= seq_len:
+        yield torch.tensor(buf[:seq_len], dtype=torch.long)
+        del buf[:seq_len]
+
+
+def build_data(cfg: DataConfig, seed: int, val_sequences: int = 64) -> InMemoryData:
+    """Resolve the source, get the tokenizer, split and pack. Clear errors for bad input."""
+    source = resolve_source(cfg)
+    cid = corpus_id(cfg, source)
+    if not source.streaming:
+        docs = list(iter_documents(cfg, source))
+        if not docs:
+            raise ValueError(f"corpus {cfg.source!r} is empty (no non-blank documents)")
+        tok = load_tokenizer(cfg.tokenizer, vocab_size=cfg.vocab_size, corpus_id=cid,
+                             corpus_texts=lambda: docs, cache_dir=cfg.cache_dir)
+        flags = [is_validation(d, cfg.val_fraction) for d in docs]
+        if cfg.val_fraction > 0 and not any(flags) and len(docs) > 1:
+            flags[-1] = True  # tiny corpora: never leave validation empty by bad luck
+        train_docs = [d for d, v in zip(docs, flags) if not v]
+        val_docs = [d for d, v in zip(docs, flags) if v]
+        train = pack(tok.encode_batch(train_docs), tok.eos_id, cfg.seq_len)
+        val = pack(tok.encode_batch(val_docs), tok.eos_id, cfg.seq_len)
+        if len(train) == 0:
+            raise ValueError(f"corpus {cfg.source!r} has fewer than seq_len={cfg.seq_len} "
+                             f"training tokens; lower --seq-len or add text")
+        if cfg.val_fraction > 0 and len(val) == 0:
+            raise ValueError(f"validation split of {cfg.source!r} has fewer than "
+                             f"seq_len={cfg.seq_len} tokens; raise --val-fraction or add text")
+        return InMemoryData(train, val, tok, seed)
+
+    tok = load_tokenizer(cfg.tokenizer, vocab_size=cfg.vocab_size, corpus_id=cid,
+                         corpus_texts=lambda: _first(iter_documents(cfg, source), _BPE_TRAIN_DOCS),
+                         cache_dir=cfg.cache_dir)
+    val_docs = (d for d in iter_documents(cfg, source) if is_validation(d, cfg.val_fraction))
+    rows = _first(_packed_stream(val_docs, tok, cfg.seq_len), val_sequences) \
+        if cfg.val_fraction > 0 else []
+    val = torch.stack(rows) if rows else torch.empty(0, cfg.seq_len, dtype=torch.long)
+    return StreamingData(cfg, source, tok, seed, val)
+
+
+def _first(it, n: int) -> list:
+    out = []
+    for x in it:
+        if len(out) >= n:
+            break
+        out.append(x)
+    return out
