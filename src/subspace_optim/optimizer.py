@@ -14,6 +14,7 @@ import warnings
 import torch
 from torch.optim import Optimizer
 
+from . import error_feedback
 from .inner import get_inner
 from .linalg import subspace_overlap
 from .selectors import SELECTORS, SelectionContext, get_selector
@@ -67,10 +68,19 @@ class SubspaceOptimizer(Optimizer):
         scale (float, 1.0): multiplier of the projected update, > 0 (GaLore's alpha).
         side (str, "galore"): one of ``sides.SIDES``; galore-torch's ``proj_type`` key is accepted
             in groups (``std``, ``reverse_std``, ``left``, ``right``).
-        selector (str, "dominant"): ``dominant``, ``importance``, ``random`` or ``coordinate``.
-        transition (str, "keep"): ``keep`` or ``reset``.
-        inner (str, "adam"): the inner rule.
+        selector (str, "dominant"): ``dominant``, ``importance``, ``random``, ``coordinate``,
+            ``online_pca`` (OSD) or ``power`` (LDAdam); the last two move every step.
+        transition (str, "keep"): ``keep``, ``reset`` or ``rotate`` (LDAdam's projection-aware
+            state transfer, for any selector).
+        inner (str, "adam"): ``adam``, ``lion`` (uses ``betas``) or ``sgd`` (uses ``momentum``);
+            see ``inner.py``.
         seed (int, 0): seeds the counter-based generators of random selectors, >= 0.
+        momentum (float, 0.9): SGD momentum of ``inner="sgd"``, in [0, 1).
+        error_feedback (bool, False): keep what the projection loses in an fp32 buffer in the state
+            and add it to the next gradient (``error_feedback.py``).
+        rho (float, 0.908): momentum weight of the ``power`` selector, in [0, 1].
+        osd_variant (str, "paper"), osd_alpha (float, 5.0, > 0), osd_p_optimizer (str, "adam"),
+            osd_orthonormalize (bool, True): the ``online_pca`` selector (``selectors/online_pca.py``).
         subspace (bool or None, None): default for groups that set neither ``subspace`` nor a GaLore
             key; None means dense, as in galore-torch.
         nonfinite (str, "error"): ``error`` or ``skip``.
@@ -98,6 +108,13 @@ class SubspaceOptimizer(Optimizer):
         seed: int = 0,
         subspace: bool | None = None,
         nonfinite: str = "error",
+        momentum: float = 0.9,
+        error_feedback: bool = False,
+        rho: float = 0.908,
+        osd_variant: str = "paper",
+        osd_alpha: float = 5.0,
+        osd_p_optimizer: str = "adam",
+        osd_orthonormalize: bool = True,
     ):
         validate_nonfinite(nonfinite)
         self.nonfinite = nonfinite
@@ -105,7 +122,9 @@ class SubspaceOptimizer(Optimizer):
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank,
             update_proj_gap=update_proj_gap, scale=scale, side=side, selector=selector,
-            transition=transition, inner=inner, seed=seed, skipped_steps=0,
+            transition=transition, inner=inner, seed=seed, skipped_steps=0, momentum=momentum,
+            error_feedback=error_feedback, rho=rho, osd_variant=osd_variant, osd_alpha=osd_alpha,
+            osd_p_optimizer=osd_p_optimizer, osd_orthonormalize=osd_orthonormalize,
             differentiable=False,  # torch.optim adds it on load; present from the start keeps state_dicts equal
         )
         super().__init__(params, defaults)
@@ -158,7 +177,7 @@ class SubspaceOptimizer(Optimizer):
                 group.setdefault(key, value)
 
     def _exact_state_keys(self) -> set[str]:
-        keys = set(BASE_EXACT_STATE_KEYS)
+        keys = set(BASE_EXACT_STATE_KEYS) | set(error_feedback.EXACT_STATE_KEYS)
         for component in (*SELECTORS.values(), *TRANSITIONS.values()):
             keys.update(component.exact_state_keys)
         for group in self.param_groups:
@@ -262,7 +281,9 @@ class SubspaceOptimizer(Optimizer):
             p.mul_(1 - lr * wd)
         d = inner.direction(p.grad, state, group, step)
         if d.denominator is None:
-            p.add_(d.numerator, alpha=-(lr / d.step_divisor))
+            # Lion: back-projection is the identity here, so its sign is taken directly
+            numerator = d.numerator.sign() if inner.sign_after_backprojection else d.numerator
+            p.add_(numerator, alpha=-(lr / d.step_divisor))
         else:
             p.addcdiv_(d.numerator, d.denominator, value=-(lr / d.step_divisor))
 
@@ -287,21 +308,29 @@ class SubspaceOptimizer(Optimizer):
             )
         previous = state.get("projector")
         steps_done = int(state["step"])
+        feedback = group["error_feedback"]
+        # a = G + xi with error feedback (fp32 buffer in the state), else G; (k, l) fp32
+        grad32 = error_feedback.corrected_gradient(state, grad, left) if feedback else grad.to(torch.float32)
+        lost = None
         if previous is None or selector.every_step or steps_done % group["update_proj_gap"] == 0:
-            grad32 = grad.to(torch.float32)
             ctx = SelectionContext(state, group, key, state["refresh_count"])
             basis = selector.select(grad32, previous, rank, ctx)
             if previous is None:
                 inner.init_state(state, torch.empty((rank, grad.shape[1]), dtype=p.dtype, device=p.device))
             else:
                 state["overlap"] = subspace_overlap(previous, basis)
-                get_transition(group["transition"]).apply(state, inner, previous, basis)
+                before = error_feedback.momentum_mass(state, inner, previous) if feedback else None
+                get_transition(group["transition"]).apply(state, inner, previous, basis, group)
+                if before is not None and not torch.equal(previous, basis):
+                    lost = before - error_feedback.momentum_mass(state, inner, basis)
             state["projector"] = basis
             state["refresh_count"] += 1
         basis = state["projector"]  # (k, r) fp32, orthonormal columns
         state["step"] += 1
         state["inner_step"] += 1
-        reduced = (basis.T @ grad.to(torch.float32)).to(p.dtype)  # (r, l)
+        reduced = (basis.T @ grad32).to(p.dtype)  # (r, l)
+        if feedback:
+            error_feedback.store(state, grad32, basis, reduced, lost, inner.feedback_coefficient(group), left)
         d = inner.direction(reduced, state, group, state["inner_step"])
         update = basis @ d.dense().to(torch.float32)  # (k, l)
         alpha = group["lr"] / d.step_divisor

@@ -6,7 +6,7 @@ import math
 from numbers import Real
 
 from .inner import INNER_RULES
-from .selectors import SELECTORS
+from .selectors import OSD_VARIANTS, P_OPTIMIZERS, SELECTORS
 from .sides import PROJ_TYPE_TO_SIDE, SIDES
 from .transitions import TRANSITIONS
 
@@ -46,6 +46,8 @@ def validate_group(group: dict) -> None:
     if not isinstance(group["subspace"], bool):
         raise ValueError(f"subspace: expected True or False, got {group['subspace']!r}")
     _choice("inner", group["inner"], INNER_RULES)
+    if not 0.0 <= _real("momentum", group["momentum"]) < 1.0:
+        raise ValueError(f"momentum: expected 0 <= momentum < 1, got {group['momentum']!r}")
     if not group["subspace"]:
         return
     _integer("rank", group["rank"], 1)
@@ -56,6 +58,19 @@ def validate_group(group: dict) -> None:
     _choice("selector", group["selector"], SELECTORS)
     _choice("transition", group["transition"], TRANSITIONS)
     _integer("seed", group["seed"], 0)
+    _boolean("error_feedback", group["error_feedback"])
+    if not 0.0 <= _real("rho", group["rho"]) <= 1.0:
+        raise ValueError(f"rho: expected 0 <= rho <= 1, got {group['rho']!r}")
+    _choice("osd_variant", group["osd_variant"], OSD_VARIANTS)
+    if _real("osd_alpha", group["osd_alpha"]) <= 0:
+        raise ValueError(f"osd_alpha: expected osd_alpha > 0, got {group['osd_alpha']!r}")
+    _choice("osd_p_optimizer", group["osd_p_optimizer"], P_OPTIMIZERS)
+    _boolean("osd_orthonormalize", group["osd_orthonormalize"])
+
+
+def _boolean(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}: expected True or False, got {value!r}")
 
 
 def side_from_proj_type(proj_type) -> str:

@@ -3,10 +3,16 @@
 from .base import SelectionContext, Selector
 from .dominant import DominantSelector
 from .importance import ImportanceSelector, sample_without_replacement
+from .online_pca import OSD_VARIANTS, P_OPTIMIZERS, OnlinePCASelector
+from .power import PowerSelector
 from .random import CoordinateSelector, RandomSelector
 
 SELECTORS: dict[str, Selector] = {
-    s.name: s for s in (DominantSelector(), ImportanceSelector(), RandomSelector(), CoordinateSelector())
+    s.name: s
+    for s in (
+        DominantSelector(), ImportanceSelector(), RandomSelector(), CoordinateSelector(),
+        OnlinePCASelector(), PowerSelector(),
+    )
 }
 
 

@@ -1,0 +1,52 @@
+"""LDAdam's subspace: one warm-started block power iteration per step ("LDAdam: Adaptive Optimization
+from Low-Dimensional Gradient Statistics", Robert et al., arXiv 2410.16103, ICLR 2025; behaviour from
+the official code IST-DASLab/LDAdam, ``proj_method="power_iteration"``).
+
+Deliberate deviations: the QR's R diagonal is made non-negative (:func:`linalg.orthonormalize`), so the
+new basis is the continuation of the previous one rather than depending on LAPACK's sign convention;
+when the iterated matrix is all zero (zero gradient and zero momentum) the previous basis is kept
+instead of letting QR return arbitrary axes. The momentum term reads the inner rule's own momentum
+estimate, so the selector also works with Lion and SGD-momentum (Adam: ``m / (1 - beta1^k)``, LDAdam's).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..inner import get_inner
+from ..linalg import orthonormalize, svd_fp32
+from .base import SelectionContext, Selector, zero_gradient_basis
+
+
+class PowerSelector(Selector):
+    """Warm-started block power iteration on the momentum-interpolated gradient.
+
+    1. First step of a parameter: the top-r left singular vectors of the gradient (exact fp32 SVD).
+    2. Afterwards, with ``k`` completed inner steps, ``m`` (r, l) the inner rule's bias-corrected
+       momentum and ``a`` (k, l) the (error-corrected) gradient:
+       ``b = rho * P_prev m + (1 - rho) * a`` (just ``a`` when ``k = 0``).
+    3. ``P = QR(b (b^T P_prev))`` in fp32: one block power iteration on ``b b^T`` warm-started from
+       ``P_prev``.
+
+    Group key: ``rho`` (float, 0.908, in [0, 1]): weight of the back-projected momentum.
+    """
+
+    name = "power"
+    every_step = True
+
+    def select(self, grad, previous, rank, ctx: SelectionContext) -> torch.Tensor:
+        if previous is None:
+            u, s = svd_fp32(grad)
+            if s.numel() == 0 or s[0] == 0:
+                return zero_gradient_basis(previous, grad.shape[0], rank, grad.device)
+            return u[:, :rank].contiguous()  # (k, r), orthonormal columns
+        group = ctx.group
+        momentum = get_inner(group["inner"]).momentum_estimate(ctx.state, group, ctx.state["inner_step"])
+        b = grad
+        if momentum is not None:
+            rho = group["rho"]
+            b = rho * (previous @ momentum) + (1 - rho) * grad  # (k, l)
+        iterated = b @ (b.T @ previous)  # (k, r)
+        if not bool(iterated.any()):
+            return previous
+        return orthonormalize(iterated)  # (k, r), orthonormal columns
