@@ -159,3 +159,50 @@ def set_dotted(cfg, dotted: str, value) -> None:
     for p in parents:
         cfg = getattr(cfg, p)
     setattr(cfg, leaf, value)
+
+
+# ---- command-line flags ------------------------------------------------------------------
+_PARSERS = {"int": int, "float": float, "str": str}
+
+
+def _leaf_type(f: dataclasses.Field) -> tuple[str, bool]:
+    """('int' | 'float' | 'str' | 'bool', optional) from the (string) annotation."""
+    t = str(f.type).replace(" ", "")
+    optional = t.endswith("|None")
+    return t.removesuffix("|None"), optional
+
+
+def add_config_args(parser, exclude: tuple[str, ...] = ()) -> None:
+    """Add one flag per `TrainConfig` leaf field (defaults suppressed: only given flags apply)."""
+    import argparse
+
+    parser.add_argument("--config", default=argparse.SUPPRESS,
+                        help="JSON file with a TrainConfig dict (flags override it)")
+    defaults = TrainConfig()
+    for dotted, f in iter_fields():
+        flag = flag_name(dotted, f)
+        if dotted in exclude or flag in exclude:
+            continue
+        kind, optional = _leaf_type(f)
+        help_ = f"{f.metadata.get('help', '')} (default: {_get(defaults, dotted)})"
+        kw = dict(dest=dotted, default=argparse.SUPPRESS, help=help_)
+        if kind == "bool":
+            parser.add_argument(f"--{flag}", action=argparse.BooleanOptionalAction, **kw)
+        else:
+            parser.add_argument(f"--{flag}", type=_PARSERS[kind], choices=f.metadata.get("choices"),
+                                metavar=kind.upper(), **kw)
+
+
+def config_from_args(args, base: TrainConfig | None = None) -> TrainConfig:
+    """`base` (or defaults), then `--config FILE`, then every flag given on the command line."""
+    import json
+
+    cfg = base or TrainConfig()
+    values = vars(args)
+    if "config" in values:
+        with open(values["config"]) as fh:
+            cfg = TrainConfig.from_dict(json.load(fh))
+    for dotted, _ in iter_fields():
+        if dotted in values:
+            set_dotted(cfg, dotted, values[dotted])
+    return cfg.validate()

@@ -1,0 +1,42 @@
+"""The `subspace` command. Each subcommand lives in `subspace_lab/commands/<name>.py` and exposes
+`add_parser(subparsers)`, which registers its parser and sets `func(args) -> int`. Adding a
+subcommand (finetune, bench, ...) is a new module plus its name in `commands.COMMANDS`."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .commands import COMMANDS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="subspace", description="Train and compare memory-efficient subspace optimizers.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"subspace_lab.commands.{name}").add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"subspace {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        from .train import NonFiniteLossError
+        if not isinstance(e, NonFiniteLossError):
+            raise
+        print(f"subspace {args.command}: error: {e}", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

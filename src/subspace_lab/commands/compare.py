@@ -1,0 +1,36 @@
+"""`subspace compare`: several optimizers, same data / seed / token budget / init. With no flags,
+the project's main job (see `subspace_lab.compare`): KJV, tiny LLaMA, AdamW vs GaLore vs I3S."""
+from __future__ import annotations
+
+
+def add_parser(subparsers) -> None:
+    from ..compare import DEFAULT_LRS, DEFAULT_OPTIMIZERS
+    from ..config import add_config_args
+
+    p = subparsers.add_parser("compare", help="compare optimizers on the same budget",
+                              description=__doc__)
+    p.add_argument("--optimizers", default=",".join(DEFAULT_OPTIMIZERS),
+                   help="comma list of optimizer names (default: %(default)s)")
+    p.add_argument("--lrs", default=None,
+                   help="per-optimizer peak lr, e.g. adamw=3e-3,galore=1e-2 (defaults: "
+                        + ", ".join(f"{k}={v:g}" for k, v in DEFAULT_LRS.items()) + "; others: --lr)")
+    p.add_argument("--seeds", default="0", help="comma list of seeds (default: %(default)s)")
+    add_config_args(p, exclude=("optimizer", "seed", "resume"))
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..compare import default_compare_config, parse_lrs, print_summary, run_compare
+    from ..config import config_from_args
+
+    cfg = config_from_args(args, base=default_compare_config())
+    optimizers = [o.strip() for o in args.optimizers.split(",") if o.strip()]
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds expects a comma list of integers, got {args.seeds!r}") from None
+    if not optimizers or not seeds:
+        raise ValueError("--optimizers and --seeds must not be empty")
+    paths = run_compare(cfg, optimizers, parse_lrs(args.lrs), seeds, cfg.out_dir)
+    print_summary(paths)
+    return 0

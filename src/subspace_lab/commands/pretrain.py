@@ -1,0 +1,30 @@
+"""`subspace pretrain`: one pretraining run; every `TrainConfig` field is a flag.
+Distributed: `torchrun --nproc_per_node N -m subspace_lab.cli pretrain ...`."""
+from __future__ import annotations
+
+import json
+import os
+
+
+def add_parser(subparsers) -> None:
+    from ..config import add_config_args
+
+    p = subparsers.add_parser("pretrain", help="pretrain a LLaMA-style model with one optimizer",
+                              description=__doc__)
+    add_config_args(p)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..config import config_from_args
+    from ..train import train
+
+    cfg = config_from_args(args)
+    result = train(cfg)
+    summary = {"out_dir": result.out_dir, "steps": result.steps,
+               "final_val_loss": result.final_val_loss, "final_val_ppl": result.final_val_ppl,
+               "optimizer_state_mb": result.optimizer_state_bytes / 2**20,
+               "tokens_per_s": result.tokens_per_s, "skipped_steps": result.skipped_steps}
+    if os.environ.get("RANK", "0") == "0":
+        print(json.dumps(summary, indent=1))
+    return 0
