@@ -59,6 +59,11 @@ def online_pca_gradient(basis: torch.Tensor, grad: torch.Tensor, penalty: float)
     return out
 
 
+def _kind(state: dict) -> str:
+    # The P optimizer in use, from the keys present: torch's load_state_dict mangles str state values.
+    return "adam" if "osd_exp_avg" in state else "sgd"
+
+
 class OnlinePCASelector(Selector):
     """One optimizer step on the online-PCA loss per training step.
 
@@ -92,7 +97,7 @@ class OnlinePCASelector(Selector):
             basis = basis.contiguous()  # (k, r), orthonormal columns
         else:
             basis = self._apply_pending(previous, state, p_opt, group["osd_orthonormalize"])
-        if "osd_step" not in state or state.get("osd_kind") != p_opt:
+        if "osd_step" not in state or _kind(state) != p_opt:
             self._init_state(state, basis, p_opt)
         if previous is None and variant == "code":
             return basis  # the code's P optimizer has no gradient at the first step
@@ -121,13 +126,13 @@ class OnlinePCASelector(Selector):
         keys = ("osd_exp_avg", "osd_exp_avg_sq") if p_opt == "adam" else ("osd_grad",)
         for key in keys:
             state[key] = torch.zeros_like(basis, dtype=torch.float32)
-        state["osd_kind"], state["osd_step"] = p_opt, 0
+        state["osd_step"] = 0
         state["osd_lr"], state["osd_weight_decay"] = 0.0, 0.0
 
     @staticmethod
     def _apply_pending(previous: torch.Tensor, state: dict, p_opt: str, orthonormal: bool) -> torch.Tensor:
         steps = state.get("osd_step", 0)
-        if steps == 0 or state.get("osd_kind") != p_opt:
+        if steps == 0 or _kind(state) != p_opt:
             return previous
         lr, wd = state["osd_lr"], state["osd_weight_decay"]
         basis = previous.mul(1 - lr * wd) if wd else previous.clone()  # (k, r)
