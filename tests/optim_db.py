@@ -38,6 +38,7 @@ OPTIMIZERS = [
     OptimInfo("galore", GaLoreAdamW, dict(SMALL)),
     OptimInfo("i3s", I3SAdamW, dict(SMALL), random=True),
     OptimInfo("i3s_reset", I3SAdamW, dict(SMALL, transition="reset"), random=True),
+    OptimInfo("i3s_gram", I3SAdamW, dict(SMALL, svd_method="gram"), random=True),
     OptimInfo("random", SubspaceOptimizer, dict(SMALL, selector="random"), random=True),
     # Online Subspace Descent (paper and official-code variants) and LDAdam move every step
     OptimInfo("osd_paper", OnlineSubspaceAdamW, dict(SMALL), windowed=False,

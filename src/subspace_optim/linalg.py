@@ -25,6 +25,26 @@ def svd_fp32(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return canonical_signs(u), s
 
 
+def svd_gram_fp32(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fast path of :func:`svd_fp32`: ``U`` and ``S`` from ``eigh`` of the (k, k) Gram matrix.
+
+    2-5x faster than the SVD on CPU (``eigh`` of a small symmetric matrix instead of a bidiagonal
+    SVD of the whole (k, l) matrix). Forming ``A A^T`` in fp32 squares the condition number, so
+    singular values under about ``3e-4 * s_1`` (and their vectors) lose accuracy: harmless for the
+    top-r subspace and for sampling with weights proportional to ``s``, where such directions have
+    negligible weight. Tested against :func:`svd_fp32`.
+    """
+    a = matrix.detach().to(torch.float32)
+    if a.shape[0] > a.shape[1]:  # the thin SVD has min(k, l) columns: keep the reference's shapes
+        return svd_fp32(a)
+    evals, evecs = torch.linalg.eigh(a @ a.T)  # ascending
+    s = evals.flip(0).clamp_(min=0).sqrt_()
+    return canonical_signs(evecs.flip(1)), s
+
+
+SVD_METHODS = {"svd": svd_fp32, "gram": svd_gram_fp32}
+
+
 def canonical_signs(basis: torch.Tensor) -> torch.Tensor:
     """Flip each column of ``basis`` (k, r) so that its largest-magnitude entry is positive."""
     if basis.numel() == 0:

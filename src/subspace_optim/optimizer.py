@@ -81,6 +81,9 @@ class SubspaceOptimizer(Optimizer):
         rho (float, 0.908): momentum weight of the ``power`` selector, in [0, 1].
         osd_variant (str, "paper"), osd_alpha (float, 5.0, > 0), osd_p_optimizer (str, "adam"),
             osd_orthonormalize (bool, True): the ``online_pca`` selector (``selectors/online_pca.py``).
+        svd_method (str, "svd"): how the ``dominant`` and ``importance`` selectors factorise the
+            gradient: ``svd`` (LAPACK thin SVD, the reference) or ``gram`` (``eigh`` of the Gram
+            matrix, 2-5x faster, see ``linalg.svd_gram_fp32``).
         subspace (bool or None, None): default for groups that set neither ``subspace`` nor a GaLore
             key; None means dense, as in galore-torch.
         nonfinite (str, "error"): ``error`` or ``skip``.
@@ -115,6 +118,7 @@ class SubspaceOptimizer(Optimizer):
         osd_alpha: float = 5.0,
         osd_p_optimizer: str = "adam",
         osd_orthonormalize: bool = True,
+        svd_method: str = "svd",
     ):
         validate_nonfinite(nonfinite)
         self.nonfinite = nonfinite
@@ -124,7 +128,7 @@ class SubspaceOptimizer(Optimizer):
             update_proj_gap=update_proj_gap, scale=scale, side=side, selector=selector,
             transition=transition, inner=inner, seed=seed, skipped_steps=0, momentum=momentum,
             error_feedback=error_feedback, rho=rho, osd_variant=osd_variant, osd_alpha=osd_alpha,
-            osd_p_optimizer=osd_p_optimizer, osd_orthonormalize=osd_orthonormalize,
+            osd_p_optimizer=osd_p_optimizer, osd_orthonormalize=osd_orthonormalize, svd_method=svd_method,
             differentiable=False,  # torch.optim adds it on load; present from the start keeps state_dicts equal
         )
         super().__init__(params, defaults)

@@ -6,6 +6,7 @@ import math
 from numbers import Real
 
 from .inner import INNER_RULES
+from .linalg import SVD_METHODS
 from .selectors import OSD_VARIANTS, P_OPTIMIZERS, SELECTORS
 from .sides import PROJ_TYPE_TO_SIDE, SIDES
 from .transitions import TRANSITIONS
@@ -57,6 +58,7 @@ def validate_group(group: dict) -> None:
     _choice("side", group["side"], SIDES)
     _choice("selector", group["selector"], SELECTORS)
     _choice("transition", group["transition"], TRANSITIONS)
+    _choice("svd_method", group["svd_method"], SVD_METHODS)
     _integer("seed", group["seed"], 0)
     _boolean("error_feedback", group["error_feedback"])
     if not 0.0 <= _real("rho", group["rho"]) <= 1.0:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ..linalg import svd_fp32
+from ..linalg import SVD_METHODS
 from .base import SelectionContext, Selector, zero_gradient_basis
 
 
@@ -17,7 +17,7 @@ class DominantSelector(Selector):
     name = "dominant"
 
     def select(self, grad, previous, rank, ctx: SelectionContext) -> torch.Tensor:
-        u, s = svd_fp32(grad)
+        u, s = SVD_METHODS[ctx.group.get("svd_method", "svd")](grad)
         if s.numel() == 0 or s[0] == 0:
             return zero_gradient_basis(previous, grad.shape[0], rank, grad.device)
         return u[:, :rank].contiguous()  # (k, r), orthonormal columns

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from ..linalg import svd_fp32
+from ..linalg import SVD_METHODS
 from .base import SelectionContext, Selector, numerically_nonzero, zero_gradient_basis
 
 
@@ -54,7 +54,7 @@ class ImportanceSelector(Selector):
     name = "importance"
 
     def select(self, grad, previous, rank, ctx: SelectionContext) -> torch.Tensor:
-        u, s = svd_fp32(grad)
+        u, s = SVD_METHODS[ctx.group.get("svd_method", "svd")](grad)
         if s.numel() == 0 or s[0] == 0:
             return zero_gradient_basis(previous, grad.shape[0], rank, grad.device)
         nonzero = numerically_nonzero(s, tuple(grad.shape))

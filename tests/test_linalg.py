@@ -1,0 +1,48 @@
+"""linalg: the fp32 factorisations, the fast Gram path against the SVD reference, overlaps."""
+
+import pytest
+import torch
+
+from subspace_optim.linalg import canonical_signs, random_orthonormal, subspace_overlap, svd_fp32, svd_gram_fp32
+from subspace_optim.selectors import SelectionContext, get_selector
+
+
+def planted(k, l, spectrum, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    u = torch.linalg.qr(torch.randn(k, k, generator=g))[0]
+    v = torch.linalg.qr(torch.randn(l, l, generator=g))[0]
+    s = torch.tensor(spectrum, dtype=torch.float32)
+    return u[:, : len(s)] @ torch.diag(s) @ v[:, : len(s)].T
+
+
+@pytest.mark.parametrize("shape", [(8, 20), (16, 16), (20, 8)])
+def test_gram_path_matches_svd_reference(shape):
+    k = min(shape)
+    a = planted(*shape, [2.0 ** -i for i in range(k)])
+    u_ref, s_ref = svd_fp32(a)
+    u, s = svd_gram_fp32(a)
+    assert u.shape == u_ref.shape and s.shape == s_ref.shape
+    torch.testing.assert_close(s, s_ref, atol=1e-4 * s_ref[0].item(), rtol=0)
+    # vectors of well-separated singular values agree up to rounding (signs are canonical)
+    top = 6
+    torch.testing.assert_close(u[:, :top], u_ref[:, :top], atol=2e-3, rtol=0)
+
+
+@pytest.mark.parametrize("selector", ["dominant", "importance"])
+def test_selectors_pick_the_same_subspace_with_either_method(selector):
+    a = planted(12, 30, [10.0, 7.0, 5.0, 3.5, 2.5, 1.7, 1.2, 0.8, 0.5, 0.3, 0.2, 0.1])
+    for i in range(10):
+        bases = [
+            get_selector(selector).select(a, None, 4, SelectionContext({}, {"seed": 0, "svd_method": m}, "w", i))
+            for m in ("svd", "gram")
+        ]
+        assert subspace_overlap(*bases) > 0.9999
+
+
+def test_canonical_signs_and_random_orthonormal():
+    q = random_orthonormal(9, 4, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(q.T @ q, torch.eye(4), atol=1e-6, rtol=0)
+    flipped = canonical_signs(-q)
+    assert torch.equal(canonical_signs(q), flipped)
+    assert subspace_overlap(q, q) == pytest.approx(1.0, abs=1e-6)
+    assert subspace_overlap(torch.eye(6)[:, :2], torch.eye(6)[:, 2:4]) == 0.0
