@@ -1,0 +1,197 @@
+"""Online Subspace Descent: the online-PCA selector, its two variants, order of updates, resume (S14)."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from helpers import TinyNet, batches, groups_for, state_equal, train
+from subspace_optim import OnlineSubspaceAdamW, SubspaceOptimizer
+from subspace_optim.linalg import orthonormalize, random_orthonormal, svd_fp32
+from subspace_optim.selectors import SelectionContext, get_selector
+from subspace_optim.selectors.online_pca import online_pca_gradient
+
+OSD_KEYS = ("osd_exp_avg", "osd_exp_avg_sq")
+
+
+@pytest.mark.parametrize("penalty", [0.0, 0.1])
+def test_analytic_gradient_matches_autograd(penalty):
+    g = torch.Generator().manual_seed(0)
+    P = torch.randn(7, 3, generator=g, dtype=torch.float64, requires_grad=True)  # not orthonormal
+    G = torch.randn(7, 11, generator=g, dtype=torch.float64)
+    Gn = G / G.norm()
+    loss = (P @ P.T @ Gn - Gn).pow(2).sum() + penalty * (P.T @ P - torch.eye(3, dtype=P.dtype)).pow(2).sum()
+    (expected,) = torch.autograd.grad(loss, P)
+    torch.testing.assert_close(online_pca_gradient(P.detach(), G, penalty), expected)
+
+
+def planted_run(steps=300, **options):
+    """The selector alone, from a random basis, on gradients U diag(s) Z + noise (top-3 subspace U)."""
+    k, l, r = 20, 30, 3
+    g = torch.Generator().manual_seed(0)
+    U = random_orthonormal(k, r, g)
+    w = nn.Parameter(torch.zeros(k, l))
+    group = SubspaceOptimizer([{"params": [w], "subspace": True}], rank=r, update_proj_gap=20,
+                              selector="online_pca", **options).param_groups[0]
+    selector, state = get_selector("online_pca"), {}
+    P = random_orthonormal(k, r, torch.Generator().manual_seed(1))
+    s = torch.tensor([3.0, 2.0, 1.5])
+    cosines, drift = [], []
+    for t in range(steps):
+        G = U @ (s[:, None] * torch.randn(r, l, generator=g)) + 0.1 * torch.randn(k, l, generator=g)
+        P = selector.select(G, P, r, SelectionContext(state, group, "w", t))
+        cosines.append(torch.linalg.svdvals(U.T @ orthonormalize(P)).min().item())
+        drift.append((P.T @ P - torch.eye(r)).norm().item())
+    return cosines, drift
+
+
+@pytest.mark.parametrize("options", [
+    dict(osd_variant="paper", lr=1e-3),
+    dict(osd_variant="paper", lr=1e-3, osd_orthonormalize=False),
+    dict(osd_variant="code", lr=1e-3),
+    dict(osd_variant="code", lr=1e-3, osd_orthonormalize=False),
+    dict(osd_variant="paper", lr=1e-2, osd_p_optimizer="sgd"),
+], ids=["paper", "paper-faithful", "code", "code-faithful", "paper-sgd"])
+def test_planted_subspace_is_found(options):
+    """S14: the principal angles to the planted subspace go to 0 (cosines to 1) from a random start."""
+    cosines, drift = planted_run(**options)
+    assert cosines[0] < 0.2
+    assert min(cosines[-20:]) > 0.99
+    if options.get("osd_orthonormalize", True):
+        assert max(drift) < 1e-5  # S3: re-orthonormalised after every online step
+    elif options["osd_variant"] == "paper":
+        assert max(drift) < 0.15 and drift[-1] < 0.01  # the penalty keeps P near-orthonormal
+
+
+def test_order_weight_step_uses_P_t_and_P_next_comes_from_G_t():
+    torch.manual_seed(0)
+    G0, G1a, G1b = torch.randn(6, 10), torch.randn(6, 10), torch.randn(6, 10)
+    bases = []
+    for G1 in (G1a, G1b):
+        w = nn.Parameter(torch.randn(6, 10))
+        opt = OnlineSubspaceAdamW([{"params": [w], "rank": 2}], lr=1e-2, scale=1.0)
+        w.grad = G0.clone()
+        before = w.detach().clone()
+        opt.step()
+        P0 = svd_fp32(G0)[0][:, :2]
+        assert torch.equal(opt.state[w]["projector"], P0)
+        delta = w.detach() - before
+        torch.testing.assert_close(delta, P0 @ (P0.T @ delta), atol=1e-7, rtol=0)  # step 0 used P_0
+        w.grad = G1.clone()
+        opt.step()
+        bases.append(opt.state[w]["projector"].clone())
+    assert torch.equal(bases[0], bases[1])  # P_1 does not depend on G_1
+    # P_1 = QR(P_0 - 5 lr * Adam's first step on the PCA gradient at (P_0, G_0))
+    grad = online_pca_gradient(P0, G0, 0.1)
+    m, v = 0.1 * grad, 0.001 * grad * grad
+    denom = (v.sqrt() / (1 - 0.999) ** 0.5) + 1e-8
+    expected = orthonormalize(P0 - 5 * 1e-2 * (m / (1 - 0.9)) / denom)
+    torch.testing.assert_close(bases[0], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_code_variant_skips_the_first_P_step_and_follows_the_lr_schedule():
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(6, 10))
+    opt = OnlineSubspaceAdamW([{"params": [w], "rank": 2}], lr=1e-2, osd_variant="code", update_proj_gap=4)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5**t)
+    bases, lrs = [], []
+    for _ in range(4):
+        w.grad = torch.randn(6, 10)
+        opt.step()
+        sched.step()
+        bases.append(opt.state[w]["projector"].clone())
+        lrs.append(opt.state[w]["osd_lr"])
+    assert torch.equal(bases[0], bases[1]) and not torch.equal(bases[1], bases[2])
+    assert opt.state[w]["osd_step"] == 3
+    # lr_P = (1 / update_proj_gap) * lr / initial_lr, the lr of the step that computed the gradient
+    assert lrs[1:] == pytest.approx([0.25 * 0.5, 0.25 * 0.25, 0.25 * 0.125])
+    assert opt.state[w]["osd_weight_decay"] == 0.01
+
+
+def test_code_variant_initial_lr_survives_state_dict():
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(6, 10))
+    opt = OnlineSubspaceAdamW([{"params": [w], "rank": 2}], lr=1e-2, osd_variant="code", update_proj_gap=4)
+    for _ in range(2):
+        w.grad = torch.randn(6, 10)
+        opt.step()
+    opt.param_groups[0]["lr"] = 5e-3  # as a schedule would
+    w2 = nn.Parameter(w.detach().clone())
+    opt2 = OnlineSubspaceAdamW([{"params": [w2], "rank": 2}], lr=5e-3, osd_variant="code", update_proj_gap=4)
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert opt2.param_groups[0]["initial_lr"] == 1e-2
+    w2.grad = torch.randn(6, 10)
+    opt2.step()
+    assert opt2.state[w2]["osd_lr"] == pytest.approx(0.25 * 0.5)
+
+
+def test_paper_variant_P_lr_and_weight_decay():
+    w = nn.Parameter(torch.randn(6, 10))
+    opt = OnlineSubspaceAdamW([{"params": [w], "rank": 2}], lr=2e-3, weight_decay=0.1, osd_alpha=3.0)
+    w.grad = torch.randn(6, 10)
+    opt.step()
+    assert opt.state[w]["osd_lr"] == pytest.approx(6e-3) and opt.state[w]["osd_weight_decay"] == 0.1
+    assert opt.state[w]["osd_step"] == 1  # the paper updates P from the first gradient on
+
+
+@pytest.mark.parametrize("options", [dict(), dict(osd_variant="code", osd_p_optimizer="sgd")])
+@pytest.mark.parametrize("via_file", [False, True])
+def test_resume_is_bit_identical_including_P_optimizer_state(options, via_file):
+    data = batches(10)
+    model = TinyNet()
+    opt = OnlineSubspaceAdamW(groups_for(model), rank=2, lr=1e-2, **options)
+    train(model, opt, data[:4])
+    sd = copy.deepcopy(opt.state_dict())
+    if via_file:
+        buf = io.BytesIO()
+        torch.save(sd, buf)
+        buf.seek(0)
+        sd = torch.load(buf, weights_only=True)
+    model2 = TinyNet(seed=9)
+    model2.load_state_dict(model.state_dict())
+    opt2 = OnlineSubspaceAdamW(groups_for(model2), rank=2, lr=1e-2, **options)
+    opt2.load_state_dict(sd)
+    assert state_equal(opt.state_dict(), opt2.state_dict())
+    for batch in data[4:]:
+        train(model, opt, [batch])
+        train(model2, opt2, [batch])
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), model2.parameters()))
+    assert state_equal(opt.state_dict(), opt2.state_dict())
+
+
+@pytest.mark.parametrize("p_optimizer,keys", [("adam", OSD_KEYS), ("sgd", ("osd_grad",))])
+def test_P_optimizer_state_stays_fp32_with_bf16_params_after_load(p_optimizer, keys):
+    model = TinyNet(dtype=torch.bfloat16)
+    opt = OnlineSubspaceAdamW(groups_for(model), rank=2, lr=1e-2, osd_p_optimizer=p_optimizer)
+    train(model, opt, batches(3, dtype=torch.bfloat16))
+    model2 = copy.deepcopy(model)
+    opt2 = OnlineSubspaceAdamW(groups_for(model2), rank=2, lr=1e-2, osd_p_optimizer=p_optimizer)
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for p in (model2.up.weight, model2.down.weight):
+        st = opt2.state[p]
+        assert all(st[key].dtype == torch.float32 for key in (*keys, "projector"))
+        assert isinstance(st["osd_step"], int) and isinstance(st["osd_lr"], float)
+    assert state_equal(opt.state_dict(), opt2.state_dict())
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(osd_variant="official"), "osd_variant"),
+    (dict(osd_alpha=0.0), "osd_alpha"),
+    (dict(osd_p_optimizer="lion"), "osd_p_optimizer"),
+    (dict(osd_orthonormalize="yes"), "osd_orthonormalize"),
+    (dict(selector="dominant"), "selector"),
+])
+def test_bad_options_rejected(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        OnlineSubspaceAdamW(groups_for(TinyNet()), **kwargs)
+
+
+def test_trains_with_lion_inner_rule():
+    model = TinyNet()
+    opt = OnlineSubspaceAdamW(groups_for(model), rank=2, lr=1e-2, inner="lion", betas=(0.9, 0.99))
+    losses = train(model, opt, batches(1) * 15)
+    assert losses[-1] < losses[0]
