@@ -27,11 +27,11 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 def versions() -> dict[str, str]:
-    out = {"python": sys.version.split()[0], "torch": torch.__version__}
+    out = {"python": sys.version.split()[0], "torch": str(torch.__version__)}
     for mod in ("transformers", "subspace_optim", "subspace_lab"):
         try:
             m = __import__(mod)
-            out[mod] = getattr(m, "__version__", "unknown")
+            out[mod] = str(getattr(m, "__version__", "unknown"))
         except ImportError:
             out[mod] = "missing"
     return out

@@ -19,7 +19,7 @@ def _f(default, help: str, flag: str | None = None, choices=None, **kw):
 
 @dataclass
 class ModelConfig:
-    name: str = _f("tiny", "model size: tiny, small, 60m, 130m, 350m, 1b, 7b", flag="model")
+    name: str = _f("tiny", "model size: micro, tiny, small, 60m, 130m, 350m, 1b, 7b", flag="model")
 
 
 @dataclass
@@ -76,6 +76,8 @@ class TrainConfig:
     out_dir: str = _f("runs/pretrain", "run directory (metrics.jsonl, checkpoints/)")
     device: str = _f("auto", "auto, cpu or cuda")
     resume: bool = _f(False, "resume from the latest valid checkpoint in out_dir")
+    stop_at: int | None = _f(None, "checkpoint and stop after this step; the schedule still "
+                             "follows --steps (time-sliced jobs, resume tests)")
     progress: bool = _f(True, "show a tqdm progress bar")
 
     # ---- derived values -------------------------------------------------------------------
@@ -100,6 +102,7 @@ class TrainConfig:
         for name in ("eval_every", "checkpoint_every"):
             check(isinstance(_get(self, name), int) and _get(self, name) >= 0, name, "an int >= 0")
         check(self.steps is None or self.steps >= 1, "steps", ">= 1")
+        check(self.stop_at is None or self.stop_at >= 1, "stop_at", ">= 1")
         check(self.tokens is None or self.tokens >= 1, "tokens", ">= 1")
         check(self.optim.lr > 0, "optim.lr", "> 0")
         check(self.optim.weight_decay >= 0, "optim.weight_decay", ">= 0")

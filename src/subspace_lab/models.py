@@ -2,7 +2,7 @@
 
 The 60m-7b entries are the shapes of the GaLore paper (Zhao et al., "GaLore: Memory-Efficient LLM
 Training by Gradient Low-Rank Projection", arXiv:2403.03507, Table 9 / their configs/llama_*.json);
-`tiny` and `small` are CPU sizes for tests and the default comparison. The vocabulary always comes
+`micro` is for unit tests, `tiny` and `small` are CPU sizes for the default comparison. The vocabulary always comes
 from the tokenizer. Init is seeded by a private generator scope, so two builds with the same seed
 are bitwise equal.
 """
@@ -23,12 +23,13 @@ class LlamaShape:
 
 
 MODEL_SHAPES: dict[str, LlamaShape] = {
+    "micro": LlamaShape(32, 88, 2, 2, 256),      # ~60k params at vocab 512: unit tests only
     "tiny": LlamaShape(128, 352, 4, 4, 512),     # ~1.9M params at vocab 4096 (1.05M embeddings)
     "small": LlamaShape(256, 688, 4, 4, 1024),   # ~5.3M params at vocab 4096
     "60m": LlamaShape(512, 1376, 8, 8),
     "130m": LlamaShape(768, 2048, 12, 12),
     "350m": LlamaShape(1024, 2736, 16, 24),
-    "1b": LlamaShape(2048, 5461, 24, 32),
+    "1b": LlamaShape(2048, 5461, 32, 24),        # GaLore configs/llama_1b.json: 32 heads, 24 layers
     "7b": LlamaShape(4096, 11008, 32, 32),
 }
 

@@ -77,7 +77,8 @@ def _checkpoint_objects(model, opt, sched, data, step, skipped, cfg) -> dict:
                         "versions": ckpt.versions()}}
 
 
-_MUST_MATCH = ("model", "data", "optim", "batch_size", "grad_accum", "seed")
+_MUST_MATCH = ("model", "data", "optim", "batch_size", "grad_accum", "seed", "steps", "tokens",
+               "warmup_fraction", "min_lr_ratio", "clip", "nonfinite")
 
 
 def _resume(path, model, opt, sched, data, cfg) -> tuple[int, int]:
@@ -220,11 +221,14 @@ def train(cfg: TrainConfig, data=None) -> TrainResult:
                   **evaluate(model, data, cfg, info, device, autocast)}
             metrics.write(ev)
             result.evals.append(ev)
-        if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == total):
+        stop = cfg.stop_at is not None and step >= cfg.stop_at
+        if stop or (cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == total)):
             if info.is_main:
                 ckpt.save_checkpoint(ckpt_root, step, _checkpoint_objects(
                     raw_model, opt, sched, data, step, skipped, cfg), cfg.keep_last_k)
             D.barrier(info)
+        if stop:
+            break
     if bar is not None:
         bar.close()
 

@@ -1,0 +1,156 @@
+"""The loop: H5 non-finite loss, H8 gradient accumulation, H9 metrics honesty, LR schedule,
+overlap records."""
+import math
+import time
+
+import pytest
+import torch
+
+import subspace_lab.train as T
+from lab_helpers import lab_cache, make_cfg, params_equal, read_jsonl  # noqa: F401
+from subspace_lab import checkpoint as ckpt
+from subspace_lab.schedule import lr_factor
+
+
+def _nan_on_call(monkeypatch, call_no: int):
+    real, calls = T.lm_nll, {"n": 0}
+
+    def fake(model, x):
+        calls["n"] += 1
+        nll, n = real(model, x)
+        return (nll * float("nan"), n) if calls["n"] == call_no else (nll, n)
+    monkeypatch.setattr(T, "lm_nll", fake)
+
+
+def _keep_models(monkeypatch) -> list:
+    built, real = [], T.build_model
+
+    def keep(*a, **k):
+        built.append(real(*a, **k))
+        return built[-1]
+    monkeypatch.setattr(T, "build_model", keep)
+    return built
+
+
+def test_nonfinite_error_aborts_before_update(tmp_path, lab_cache, monkeypatch):  # H5
+    clean = T.train(make_cfg(tmp_path / "clean", lab_cache, optim__name="i3s", stop_at=3))
+    _nan_on_call(monkeypatch, 4)
+    built = _keep_models(monkeypatch)
+    cfg = make_cfg(tmp_path / "bad", lab_cache, optim__name="i3s", checkpoint_every=2)
+    with pytest.raises(T.NonFiniteLossError, match="step 4.*no update was applied"):
+        T.train(cfg)
+    assert params_equal(built[0], clean.model)  # the weights are those after step 3
+    latest = ckpt.find_latest_valid(tmp_path / "bad" / "checkpoints")
+    assert latest.name == "step-000002"         # earlier checkpoint intact, none for step 4
+    assert ckpt.load_checkpoint(latest)["trainer"]["step"] == 2
+
+
+def test_nonfinite_skip_skips_and_counts(tmp_path, lab_cache, monkeypatch):  # H5
+    clean = T.train(make_cfg(tmp_path / "clean", lab_cache, optim__name="i3s", stop_at=3))
+    _nan_on_call(monkeypatch, 4)
+    skipped = T.train(make_cfg(tmp_path / "skip", lab_cache, optim__name="i3s", nonfinite="skip",
+                               stop_at=4))
+    assert skipped.skipped_steps == 1 and math.isnan(skipped.losses[3])
+    assert params_equal(skipped.model, clean.model)
+    sa, sb = clean.optimizer.state_dict()["state"], skipped.optimizer.state_dict()["state"]
+    assert all(torch.equal(v, sb[p][k]) for p in sa for k, v in sa[p].items()
+               if isinstance(v, torch.Tensor))
+    _nan_on_call(monkeypatch, 4)
+    done = T.train(make_cfg(tmp_path / "skip2", lab_cache, nonfinite="skip"))
+    assert done.skipped_steps == 1 and all(math.isfinite(x) for x in done.losses[4:])
+    assert read_jsonl(tmp_path / "skip2" / "metrics.jsonl")[-2]["skipped_steps"] == 1
+
+
+def test_grad_accumulation_matches_big_batch(tmp_path, lab_cache, monkeypatch):  # H8
+    grads, real = [], torch.nn.utils.clip_grad_norm_
+
+    def record(params, *a, **k):
+        params = list(params)
+        grads.append([p.grad.clone() for p in params])
+        return real(params, *a, **k)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", record)
+    big = T.train(make_cfg(tmp_path / "big", lab_cache, batch_size=8, grad_accum=1, steps=3))
+    g_big, grads[:] = grads[:], []
+    acc = T.train(make_cfg(tmp_path / "acc", lab_cache, batch_size=4, grad_accum=2, steps=3))
+    assert big.losses == pytest.approx(acc.losses, rel=1e-5)
+    for a, b in zip(g_big, grads):
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
+    for (ka, va), vb in zip(big.model.state_dict().items(), acc.model.state_dict().values()):
+        torch.testing.assert_close(va, vb, rtol=1e-3, atol=1e-4, msg=ka)
+
+
+def _state_dict_bytes(opt) -> int:
+    total = 0
+    for per_param in opt.state_dict()["state"].values():
+        for v in per_param.values():
+            if isinstance(v, torch.Tensor):
+                total += v.numel() * v.element_size()
+    return total
+
+
+@pytest.mark.parametrize("name", ["adamw", "galore"])
+def test_metrics_honesty(tmp_path, lab_cache, monkeypatch, name):  # H9
+    real_eval = T.evaluate
+
+    def slow_eval(*a, **k):
+        time.sleep(0.3)
+        return real_eval(*a, **k)
+    monkeypatch.setattr(T, "evaluate", slow_eval)
+    t0 = time.perf_counter()
+    res = T.train(make_cfg(tmp_path / "m", lab_cache, optim__name=name, steps=10, eval_every=2,
+                           checkpoint_every=2))
+    wall = time.perf_counter() - t0
+    recs = read_jsonl(tmp_path / "m" / "metrics.jsonl")
+    train_recs = [r for r in recs if r["event"] == "train"]
+    evals = [r for r in recs if r["event"] == "eval"]
+    assert len(evals) == 5 and len(train_recs) == 10
+    assert train_recs[-1]["optimizer_state_bytes"] == _state_dict_bytes(res.optimizer)
+    assert res.optimizer_state_bytes == _state_dict_bytes(res.optimizer)
+    if name == "adamw":  # exp_avg + exp_avg_sq (fp32) + a step scalar per param
+        n = sum(p.numel() for p in res.model.parameters())
+        assert res.optimizer_state_bytes == 8 * n + 4 * len(list(res.model.parameters()))
+    # training time excludes the 1.5 s of (slowed) evaluation and the checkpoint writes
+    assert train_recs[-1]["train_time_s"] <= wall - 5 * 0.3
+    assert all(r["tokens_per_s"] > 0 for r in train_recs)
+    for e in evals:
+        assert e["val_ppl"] == pytest.approx(math.exp(e["val_loss"]))
+
+
+def test_validation_ppl_is_token_weighted(tmp_path, lab_cache):  # H7
+    from subspace_lab.data import build_data
+    from subspace_lab.distributed import DistInfo
+    from subspace_lab.models import build_model, lm_nll
+    cfg = make_cfg(tmp_path, lab_cache, eval_batches=3, batch_size=2)
+    data = build_data(cfg.data, 0)
+    data.val = data.val[:5]  # batches of 2, 2 and 1 sequences
+    model = build_model("micro", data.tokenizer.vocab_size)
+    ev = T.evaluate(model, data, cfg, DistInfo(), torch.device("cpu"), T.contextlib.nullcontext)
+    with torch.no_grad():
+        nll, n = lm_nll(model, data.val)
+        per_batch = [lm_nll(model, b) for b in data.val_batches(2, 3)]
+    assert ev["val_tokens"] == n == 5 * 31
+    assert ev["val_loss"] == pytest.approx(nll.item() / n, rel=1e-6)
+    mean_of_batch_ppl = sum(math.exp(s.item() / c) for s, c in per_batch) / 3
+    assert ev["val_ppl"] != pytest.approx(mean_of_batch_ppl, rel=1e-9)
+
+
+def test_warmup_cosine_schedule(tmp_path, lab_cache):
+    total, warm = 100, 10
+    f = [lr_factor(s, total, warm, 0.1) for s in range(total + 1)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0) and f[10] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))
+    assert f[total] == pytest.approx(0.1)
+    T.train(make_cfg(tmp_path / "s", lab_cache, steps=10, warmup_fraction=0.2))
+    lrs = [r["lr"] for r in read_jsonl(tmp_path / "s" / "metrics.jsonl") if r["event"] == "train"]
+    assert lrs[0] == pytest.approx(1e-2) and lrs[-1] == pytest.approx(1e-3)
+
+
+def test_overlap_records_per_refresh(tmp_path, lab_cache):
+    T.train(make_cfg(tmp_path / "o", lab_cache, optim__name="galore", steps=12))
+    recs = read_jsonl(tmp_path / "o" / "overlap.jsonl")
+    assert sorted({r["step"] for r in recs}) == [6, 11]        # refreshes at 1, 6, 11
+    assert len(recs) == 2 * 14                                  # 7 linears x 2 layers
+    assert all(0.0 <= r["overlap"] <= 1.0 + 1e-5 for r in recs)
+    T.train(make_cfg(tmp_path / "a", lab_cache, optim__name="adamw", steps=3))
+    assert read_jsonl(tmp_path / "a" / "overlap.jsonl") == []
