@@ -173,21 +173,18 @@ class ZerothOrderOptimizer(Optimizer):
                 self._perturb(entries, 1.0)
                 offset = 1.0
                 l_plus = self._loss_value(closure())
-            # Exact mode copies the saved weights back (bitwise); otherwise undo the perturbation,
-            # which is exact only up to rounding.
-            restore()
-            offset = 0.0
+            losses = [l_plus, l_minus]
+            if self.all_reduce:
+                losses = self._reduce(losses, entries[0][1].device)
         except BaseException:
             restore()
             undo_state()
             raise
-        losses = [l_plus, l_minus]
-        if self.all_reduce:
-            losses = self._reduce(losses, entries[0][1].device)
         eps = entries[0][0]["eps"]
         scale = 2.0 * eps if self.estimator == "two-sided" else eps
         projected_grad = (losses[0] - losses[1]) / scale
         if not math.isfinite(projected_grad):
+            restore()
             undo_state()
             if self.nonfinite == "error":
                 raise RuntimeError(
@@ -195,20 +192,32 @@ class ZerothOrderOptimizer(Optimizer):
                     f"l- = {losses[1]}); weights were restored and no update was made. Use "
                     "nonfinite='skip' to skip such steps instead")
             return first
-        for group, p, key in entries:
-            self._update(group, p, key, projected_grad)
+        if backup is not None:
+            restore()  # exact mode: copy the saved weights back (bitwise), then update
+            for group, p, key in entries:
+                self._update(group, p, key, projected_grad)
+        else:
+            # The last restore and the update share one regeneration of z (3 draws per step, not
+            # 4); the arithmetic is the same as restoring first and updating after.
+            for group, p, key in entries:
+                z = self._direction(group, p, key)
+                p.add_(z, alpha=-offset * group["eps"])
+                self._update(group, p, key, projected_grad, z)
         for group in self.param_groups:
             group["step"] += 1
         return first
 
-    def _update(self, group: dict, p: torch.Tensor, key: str, projected_grad: float) -> None:
-        """ZO-SGD (optionally with heavy-ball momentum) plus decoupled weight decay on >= 2-D."""
+    def _update(self, group: dict, p: torch.Tensor, key: str, projected_grad: float,
+                z: torch.Tensor | None = None) -> None:
+        """ZO-SGD (optionally with heavy-ball momentum) plus decoupled weight decay on >= 2-D;
+        ``z`` is this step's direction of ``p`` if the caller already regenerated it."""
         lr, wd, momentum = group["lr"], group["weight_decay"], group["momentum"]
         if lr == 0.0:
             return
         if wd != 0.0 and p.dim() >= 2:
             p.mul_(1.0 - lr * wd)
-        z = self._direction(group, p, key)
+        if z is None:
+            z = self._direction(group, p, key)
         if momentum == 0.0:
             p.add_(z, alpha=-lr * projected_grad)
             return
