@@ -75,6 +75,8 @@ class TrainConfig:
     keep_last_k: int = _f(2, "checkpoints kept (older ones are purged after a new one commits)")
     out_dir: str = _f("runs/pretrain", "run directory (metrics.jsonl, checkpoints/)")
     device: str = _f("auto", "auto, cpu or cuda")
+    threads: int = _f(0, "CPU threads for torch (0: torch's default; 1 is much faster on a "
+                      "machine busy with other jobs)")
     resume: bool = _f(False, "resume from the latest valid checkpoint in out_dir")
     stop_at: int | None = _f(None, "checkpoint and stop after this step; the schedule still "
                              "follows --steps (time-sliced jobs, resume tests)")
@@ -99,7 +101,7 @@ class TrainConfig:
                      "optim.update_proj_gap", "eval_batches", "log_every", "keep_last_k"):
             v = _get(self, name)
             check(isinstance(v, int) and v >= 1, name, "an integer >= 1")
-        for name in ("eval_every", "checkpoint_every"):
+        for name in ("eval_every", "checkpoint_every", "threads"):
             check(isinstance(_get(self, name), int) and _get(self, name) >= 0, name, "an int >= 0")
         check(self.steps is None or self.steps >= 1, "steps", ">= 1")
         check(self.stop_at is None or self.stop_at >= 1, "stop_at", ">= 1")

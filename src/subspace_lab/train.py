@@ -101,6 +101,8 @@ def train(cfg: TrainConfig, data=None) -> TrainResult:
     """Run (or resume) one pretraining run described by `cfg`. `data` may be prebuilt (compare
     builds it once for all optimizers); it must come from `build_data(cfg.data, cfg.seed)`."""
     cfg.validate()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     dev_type = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     info = D.setup(dev_type)
     device = torch.device(f"cuda:{info.local_rank}" if dev_type == "cuda" else "cpu")

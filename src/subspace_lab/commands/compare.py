@@ -31,6 +31,8 @@ def run(args) -> int:
         raise ValueError(f"--seeds expects a comma list of integers, got {args.seeds!r}") from None
     if not optimizers or not seeds:
         raise ValueError("--optimizers and --seeds must not be empty")
-    paths = run_compare(cfg, optimizers, parse_lrs(args.lrs), seeds, cfg.out_dir)
+    import shlex
+    command = shlex.join(["subspace", *getattr(args, "argv", ["compare"])])
+    paths = run_compare(cfg, optimizers, parse_lrs(args.lrs), seeds, cfg.out_dir, command)
     print_summary(paths)
     return 0

@@ -1,0 +1,74 @@
+"""CLI smoke tests: `subspace pretrain`, `subspace compare` on a tiny budget, `subspace report`."""
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lab_helpers import lab_cache, single_thread  # noqa: F401
+from subspace_lab.cli import main
+
+
+def _common(lab_cache) -> list[str]:
+    return ["--model", "micro", "--max-docs", "40", "--vocab-size", "512", "--seq-len", "32",
+            "--batch-size", "4", "--eval-batches", "2", "--cache-dir", str(lab_cache),
+            "--no-progress"]
+
+
+def test_pretrain_and_resume(tmp_path, lab_cache, capsys):
+    out = tmp_path / "run"
+    args = ["pretrain", *_common(lab_cache), "--steps", "6", "--eval-every", "3",
+            "--optimizer", "galore", "--rank", "4", "--update-proj-gap", "2", "--lr", "0.01",
+            "--out-dir", str(out)]
+    assert main([*args, "--stop-at", "3"]) == 0
+    assert main([*args, "--resume"]) == 0
+    summary = json.loads(capsys.readouterr().out.split("\n}\n")[-2] + "\n}")
+    assert summary["steps"] == 6 and summary["final_val_ppl"] > 1
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["optim"]["name"] == "galore" and saved["optim"]["rank"] == 4
+    assert (out / "checkpoints" / "step-000003" / "manifest.json").exists()
+
+
+def test_compare_and_report(tmp_path, lab_cache, capsys):
+    out = tmp_path / "cmp"
+    rc = main(["compare", *_common(lab_cache), "--steps", "6", "--eval-every", "3",
+               "--optimizers", "adamw,i3s", "--lrs", "adamw=2e-3,i3s=5e-3", "--seeds", "0,1",
+               "--rank", "4", "--update-proj-gap", "2", "--out-dir", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert f"Report: {out / 'results.md'}" in printed
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert sorted((r["optimizer"], r["seed"], r["lr"]) for r in rows) == [
+        ("adamw", "0", "0.002"), ("adamw", "1", "0.002"), ("i3s", "0", "0.005"), ("i3s", "1", "0.005")]
+    md = (out / "results.md").read_text()
+    assert "| i3s | 0.005 | 2 |" in md and "±" in md and "subspace compare" in md
+    for png in ("val_loss.png", "overlap.png"):
+        assert (out / png).stat().st_size > 1000
+    for f in ("results.csv", "results.md", "val_loss.png", "overlap.png"):
+        (out / f).unlink()
+    assert main(["report", str(out)]) == 0
+    assert (out / "results.md").read_text() == md and (out / "overlap.png").exists()
+
+
+@pytest.mark.parametrize("flag,value,pattern", [
+    ("--optimizer", "nope", "unknown optimizer 'nope'; allowed: adamw, galore, i3s"),
+    ("--model", "huge", "unknown model 'huge'; allowed: micro, tiny"),
+    ("--data", "missing.jsonl", "not found"),
+])
+def test_bad_input_is_a_clear_error(tmp_path, lab_cache, capsys, flag, value, pattern):
+    rc = main(["pretrain", *_common(lab_cache), "--steps", "1", "--out-dir", str(tmp_path / "r"),
+               flag, value])
+    assert rc == 2
+    assert pattern in capsys.readouterr().err
+
+
+def test_console_script_and_extension_hook():
+    exe = Path(sys.executable).with_name("subspace")
+    proc = subprocess.run([str(exe), "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0
+    for cmd in ("pretrain", "compare", "report"):
+        assert cmd in proc.stdout
+    from subspace_lab.commands import COMMANDS
+    assert COMMANDS[:3] == ("pretrain", "compare", "report")

@@ -1,0 +1,37 @@
+"""H6 golden losses: for each registered optimizer, a micro LLaMA trained 20 steps on CPU gives
+exactly the losses in tests/golden/<name>.txt (one repr'd float per line). Regenerate only on
+purpose, after an intended numerical change:
+
+    SUBSPACE_REGEN_GOLDEN=1 .venv/bin/python -m pytest tests/lab/test_lab_golden.py
+"""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from lab_helpers import lab_cache, make_cfg, single_thread  # noqa: F401
+from subspace_lab.optimizers import OPTIMIZERS
+from subspace_lab.train import train
+
+GOLDEN = Path(__file__).resolve().parents[1] / "golden"
+REGEN = os.environ.get("SUBSPACE_REGEN_GOLDEN") == "1"
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_golden_losses(tmp_path, lab_cache, name):
+    if torch.cuda.is_available():
+        pytest.skip("golden losses are exact on CPU only")
+    cfg = make_cfg(tmp_path / name, lab_cache, optim__name=name, steps=20, eval_every=0,
+                   device="cpu")
+    losses = train(cfg).losses
+    path = GOLDEN / f"{name}.txt"
+    if REGEN:
+        GOLDEN.mkdir(exist_ok=True)
+        path.write_text("".join(f"{x!r}\n" for x in losses))
+    if not path.exists():
+        pytest.fail(f"no golden file {path} for optimizer {name!r}; create it with "
+                    f"SUBSPACE_REGEN_GOLDEN=1 (see this module's docstring)")
+    expected = [float(line) for line in path.read_text().split()]
+    assert losses == expected
+    assert losses[-1] < losses[0]
