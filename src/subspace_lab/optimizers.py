@@ -51,6 +51,7 @@ def subspace(class_name: str) -> Callable[[torch.nn.Module, OptimizerOptions], t
         return cls(groups, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
                    seed=o.seed, nonfinite=o.nonfinite)
     build.__name__ = f"build_{class_name}"
+    build.class_name = class_name  # lets hf_trainer hand (class, kwargs) to the HF Trainer
     return build
 
 
