@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import torch
 
-from ..linalg import orthonormalize, svd_fp32
+from ..linalg import SVD_METHODS, orthonormalize
 from .base import SelectionContext, Selector, zero_gradient_basis
 
 OSD_VARIANTS = ("paper", "code")
@@ -67,8 +67,8 @@ def _kind(state: dict) -> str:
 class OnlinePCASelector(Selector):
     """One optimizer step on the online-PCA loss per training step.
 
-    1. First step of a parameter: P = top-r left singular vectors of G (fp32 SVD); its P optimizer
-       state starts at zero.
+    1. First step of a parameter: P = top-r left singular vectors of G (fp32 SVD, or the Gram-matrix
+       path with ``svd_method="gram"``); its P optimizer state starts at zero.
     2. Every later step t: apply the pending P step, ``P <- (1 - lr_P wd_P) P - lr_P * D`` with D
        Adam's bias-corrected ``m / (sqrt(v) + eps)`` (or the stored gradient, SGD); re-orthonormalise
        by QR if ``osd_orthonormalize``. This is P_t, used for step t's projection.
@@ -91,7 +91,7 @@ class OnlinePCASelector(Selector):
         state, group = ctx.state, ctx.group
         variant, p_opt = group["osd_variant"], group["osd_p_optimizer"]
         if previous is None:
-            u, s = svd_fp32(grad)
+            u, s = SVD_METHODS[ctx.group.get("svd_method", "svd")](grad)
             zero = s.numel() == 0 or s[0] == 0
             basis = zero_gradient_basis(None, grad.shape[0], rank, grad.device) if zero else u[:, :rank]
             basis = basis.contiguous()  # (k, r), orthonormal columns

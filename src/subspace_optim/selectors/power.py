@@ -14,14 +14,15 @@ from __future__ import annotations
 import torch
 
 from ..inner import get_inner
-from ..linalg import orthonormalize, svd_fp32
+from ..linalg import SVD_METHODS, orthonormalize
 from .base import SelectionContext, Selector, zero_gradient_basis
 
 
 class PowerSelector(Selector):
     """Warm-started block power iteration on the momentum-interpolated gradient.
 
-    1. First step of a parameter: the top-r left singular vectors of the gradient (exact fp32 SVD).
+    1. First step of a parameter: the top-r left singular vectors of the gradient (fp32 SVD, or the
+       Gram-matrix path with ``svd_method="gram"``).
     2. Afterwards, with ``k`` completed inner steps, ``m`` (r, l) the inner rule's bias-corrected
        momentum and ``a`` (k, l) the (error-corrected) gradient:
        ``b = rho * P_prev m + (1 - rho) * a`` (just ``a`` when ``k = 0``).
@@ -36,7 +37,7 @@ class PowerSelector(Selector):
 
     def select(self, grad, previous, rank, ctx: SelectionContext) -> torch.Tensor:
         if previous is None:
-            u, s = svd_fp32(grad)
+            u, s = SVD_METHODS[ctx.group.get("svd_method", "svd")](grad)
             if s.numel() == 0 or s[0] == 0:
                 return zero_gradient_basis(previous, grad.shape[0], rank, grad.device)
             return u[:, :rank].contiguous()  # (k, r), orthonormal columns
