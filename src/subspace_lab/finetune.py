@@ -50,6 +50,7 @@ class FinetuneConfig:
     data_seed: int = 0
     out_dir: str | None = None
     device: str = "cpu"
+    threads: int | None = None  # torch.set_num_threads; None keeps torch's default
     progress: bool = True
     extra: dict = field(default_factory=dict)
 
@@ -151,6 +152,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
     from .tasks import load_task
 
     cfg.validate()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     device = torch.device(cfg.device)
     task = load_task(cfg.task, eval_file=cfg.eval_file, template=cfg.template,
                      label_words=cfg.label_words, n_train=cfg.n_train, n_eval=cfg.n_eval,
@@ -270,6 +273,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--nonfinite", choices=("error", "skip"), default=d.nonfinite)
     p.add_argument("--out-dir", default=None, help="run directory (default runs/finetune-...)")
     p.add_argument("--device", default=d.device)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (1 is often faster on a busy shared machine)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     p.set_defaults(func=run)
 
@@ -282,7 +287,8 @@ def config_from_args(args) -> FinetuneConfig:
                                             "steps", "batch_size", "lr", "eps", "weight_decay",
                                             "momentum", "rank", "update_proj_gap", "estimator",
                                             "nonfinite", "n_train", "n_eval", "max_length",
-                                            "eval_batch_size", "seed", "data_seed", "out_dir", "device")}
+                                            "eval_batch_size", "seed", "data_seed", "out_dir", "device",
+                                            "threads")}
     return FinetuneConfig(label_words=words, progress=not args.no_progress, **fields)
 
 

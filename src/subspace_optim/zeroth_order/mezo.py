@@ -28,7 +28,8 @@ class MeZO(ZerothOrderOptimizer):
        add ``eps * z`` in place. ``z`` is never stored: it is regenerated for every pass.
     2. ``l+ = closure()`` (forward only, under ``torch.no_grad``).
     3. Subtract ``2 eps z``; ``l- = closure()``.
-    4. Add ``eps z`` back (restore; exact to rounding, or bitwise with ``exact_restore=True``).
+    4. Add ``eps z`` back (restore; exact to rounding, or bitwise with ``exact_restore=True``);
+       this pass and step 7 share one regeneration of ``z``.
     5. ``g = (l+ - l-) / (2 eps)``, one scalar for the whole model (one-sided: evaluate at theta and
        theta + eps z, ``g = (l+ - l0) / eps``). With ``all_reduce=True`` the two losses are averaged
        over the data-parallel ranks first, so every rank applies the same update.
