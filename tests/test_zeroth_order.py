@@ -348,3 +348,15 @@ def test_fused_restore_and_update_match_the_reference_loop(name):
             for g in probe.param_groups:
                 g["step"] += 1
     assert all(torch.equal(p, q) for p, q in zip(m1.parameters(), m2.parameters()))
+
+
+def test_z4_subzero_direction_is_keyed_and_built_from_its_bases():
+    model = Net()
+    opt = SubZero(model.named_parameters(), seed=3, rank=2)
+    group, p, key = next(e for e in opt._entries() if e[2] == "up.weight")
+    opt._prepare(group, p, key)
+    u, v = opt.state[p]["U"], opt.state[p]["V"]  # up.weight 40 x 6 is reshaped to 15 x 16
+    m, n = u.shape[0], v.shape[0]
+    z = torch.randn(2, 2, generator=generator_for(3, "up.weight", 0))
+    expected = (math.sqrt(m * n) / 2) * (u @ z @ v.T)
+    assert torch.allclose(opt._direction(group, p, key), expected.reshape(p.shape), rtol=1e-5, atol=1e-6)
