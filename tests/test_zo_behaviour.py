@@ -236,3 +236,11 @@ def test_z7_data_parallel_ranks_stay_identical(tmp_path):
                 for red in (True, False)}
         assert same[True], f"{name}: with all_reduce the ranks must apply identical updates"
         assert not same[False], f"{name}: sanity: without it, different data gives different weights"
+
+
+def test_a_rejected_param_group_is_not_kept():
+    model = small_model()
+    opt = MeZO(model[0].parameters())
+    with pytest.raises(ValueError, match="lr"):
+        opt.add_param_group({"params": model[2].parameters(), "lr": -1.0})
+    assert len(opt.param_groups) == 1

@@ -45,6 +45,11 @@ class ZerothOrderOptimizer(Optimizer):
     Cost. Three regenerations of ``z`` per step (+eps, -2 eps, then the restore and the update share
     one draw; Algorithm 1 draws four times), each one pass over the trainable weights.
 
+    State. The seed and the step counter are plain ints in every param group (``seed``, ``step``),
+    so they travel in ``state_dict()`` and survive ``torch.load(weights_only=True)``; a later
+    ``add_param_group`` starts its own counter at 0. Per-parameter state is empty for plain ZO-SGD,
+    ``momentum_buffer`` with momentum, and SubZero's fp32 bases ``U``, ``V``.
+
     Parameter order and keys. Parameters are perturbed in param-group order, then in the order of
     each group's ``params`` list (the model's registration order when built from
     ``model.parameters()`` or ``model.named_parameters()``); parameters with ``requires_grad=False``
@@ -72,12 +77,16 @@ class ZerothOrderOptimizer(Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        self._validate_group(group)
-        if group["eps"] != self.param_groups[0]["eps"]:
-            # One scalar (l+ - l-) / (2 eps) is shared by all parameters: it is a directional
-            # derivative only if every parameter moved by the same eps.
-            raise ValueError("eps must be the same in every param group, got "
-                             f"{group['eps']!r} and {self.param_groups[0]['eps']!r}")
+        try:
+            self._validate_group(group)
+            if group["eps"] != self.param_groups[0]["eps"]:
+                # One scalar (l+ - l-) / (2 eps) is shared by all parameters: it is a directional
+                # derivative only if every parameter moved by the same eps.
+                raise ValueError("eps must be the same in every param group, got "
+                                 f"{group['eps']!r} and {self.param_groups[0]['eps']!r}")
+        except ValueError:
+            self.param_groups.pop()  # a rejected group leaves the optimizer as it was
+            raise
 
     def _validate_group(self, group: dict) -> None:
         check_real("lr", group["lr"], 0.0)
