@@ -2,13 +2,16 @@
 clipping, parameter routing, rank and refresh gap; only the method and its learning rate differ.
 
 The default (`subspace compare` with no flags) is the project's main job: the embedded King James
-Bible, the `tiny` LLaMA (1.9M params, vocab 4096, seq 128, batch 16), AdamW vs GaLore vs I3S at
-rank 32 of 128 on every attention/MLP linear, 750 steps (1.5M tokens), about 2 minutes per method
-on 2 CPU cores. `update_proj_gap=15` gives each subspace method 50 refreshes, enough for the
-dominant-vs-sampled difference in subspace overlap to show (fair-comparison.md). Learning rates:
-AdamW 3e-3; GaLore and I3S 1e-2 with scale 0.25 (GaLore's recipe: the effective step of the
-projected weights is 2.5e-3, near AdamW's; the dense embeddings, head and norms get 1e-2). These are
-defaults, not a tuned result: for a ranking, sweep each method's lr (`--lrs`) and use several seeds.
+Bible, the `tiny` LLaMA (1.9M params, vocab 4096, seq 128, batch 8), AdamW vs GaLore vs I3S at
+rank 32 of 128 on every attention/MLP linear, 600 steps (0.6M tokens) per method, about 2-3
+minutes per method on this project's 2-core machine. `update_proj_gap=12` gives each subspace
+method 50 refreshes, enough for the dominant-vs-sampled difference in subspace overlap to show
+(fair-comparison.md). One torch thread: on a 2-core machine shared with other jobs, two OpenMP
+threads spin against the other jobs and run up to 10x slower (measured: 4.4k vs 0.3-1k tokens/s),
+while one thread is steady. Learning rates: AdamW 3e-3; GaLore and I3S 1e-2 with scale 0.25
+(GaLore's recipe: the projected weights' effective step is 2.5e-3, near AdamW's; the dense
+embeddings, head and norms get 1e-2). These are defaults, not a tuned result: for a ranking,
+sweep each method's lr (`--lrs`) and use several seeds (`--seeds 0,1,2`).
 """
 from __future__ import annotations
 
@@ -28,9 +31,11 @@ DEFAULT_LRS = {"adamw": 3e-3, "galore": 1e-2, "i3s": 1e-2}
 
 def default_compare_config() -> TrainConfig:
     cfg = TrainConfig()
-    cfg.steps = 750
+    cfg.steps = 600
+    cfg.batch_size = 8
+    cfg.threads = 1
     cfg.optim.rank = 32
-    cfg.optim.update_proj_gap = 15
+    cfg.optim.update_proj_gap = 12
     cfg.optim.scale = 0.25
     cfg.eval_every = 50
     cfg.eval_batches = 8
@@ -39,16 +44,23 @@ def default_compare_config() -> TrainConfig:
     return cfg
 
 
-def parse_lrs(spec: str | None) -> dict[str, float]:
-    """'adamw=3e-3,galore=1e-2' -> {'adamw': 0.003, 'galore': 0.01}."""
-    out: dict[str, float] = {}
+def parse_lrs(spec: str | None) -> dict[str, list[float]]:
+    """'adamw=3e-3,galore=5e-3:1e-2' -> {'adamw': [0.003], 'galore': [0.005, 0.01]}.
+    Several lrs for one optimizer (separated by ':') make an lr sweep: one run per lr and seed,
+    and the report marks the best lr of each optimizer."""
+    out: dict[str, list[float]] = {}
     for item in (spec or "").split(","):
         if not item.strip():
             continue
         if "=" not in item:
-            raise ValueError(f"--lrs expects name=lr pairs separated by commas, got {item!r}")
-        name, value = item.split("=", 1)
-        out[name.strip()] = float(value)
+            raise ValueError(f"--lrs expects name=lr[:lr...] pairs separated by commas, got {item!r}")
+        name, values = item.split("=", 1)
+        try:
+            out[name.strip()] = [float(v) for v in values.split(":") if v.strip()]
+        except ValueError:
+            raise ValueError(f"--lrs: bad learning rate in {item!r}") from None
+        if not out[name.strip()] or min(out[name.strip()]) <= 0:
+            raise ValueError(f"--lrs: learning rates must be > 0 in {item!r}")
     return out
 
 
@@ -60,7 +72,8 @@ def _fresh(data, seed: int, cfg: TrainConfig):
     return InMemoryData(data.train, data.val, data.tokenizer, seed)
 
 
-def run_compare(base: TrainConfig, optimizers, lrs: dict[str, float], seeds, out_dir: str | Path,
+def run_compare(base: TrainConfig, optimizers, lrs: dict[str, list[float]], seeds,
+                out_dir: str | Path,
                 command: str | None = None) -> dict[str, Path]:
     from .optimizers import OPTIMIZERS
 
@@ -74,18 +87,21 @@ def run_compare(base: TrainConfig, optimizers, lrs: dict[str, float], seeds, out
     data = build_data(base.data, seeds[0], base.eval_batches * base.batch_size)
     for seed in seeds:
         for name in optimizers:
-            cfg = copy.deepcopy(base)
-            cfg.optim.name, cfg.seed = name, seed
-            cfg.optim.lr = lrs.get(name, DEFAULT_LRS.get(name, base.optim.lr))
-            cfg.out_dir = str(out / f"{name}-seed{seed}")
-            print(f"[compare] {name} seed {seed} lr {cfg.optim.lr:g} -> {cfg.out_dir}", flush=True)
-            train(cfg, data=_fresh(data, seed, cfg))
+            grid = lrs.get(name) or [base.optim.lr]
+            for lr in grid:
+                cfg = copy.deepcopy(base)
+                cfg.optim.name, cfg.seed, cfg.optim.lr = name, seed, lr
+                tag = f"{name}-lr{lr:g}" if len(grid) > 1 else name
+                cfg.out_dir = str(out / f"{tag}-seed{seed}")
+                print(f"[compare] {name} seed {seed} lr {lr:g} -> {cfg.out_dir}", flush=True)
+                train(cfg, data=_fresh(data, seed, cfg))
     return write_report(out)
 
 
 def print_summary(paths: dict[str, Path]) -> None:
     from .report import load_rows
 
+    paths = {k: Path(v).resolve() for k, v in paths.items()}
     root = paths["markdown"].parent
     print()
     print(markdown_table(load_rows(root)))

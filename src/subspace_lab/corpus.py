@@ -55,10 +55,6 @@ class Source:
     builder: str | None    # "text" | "json" for local files
     streaming: bool
 
-    @property
-    def identity_hint(self) -> str:
-        return self.kind
-
 
 def resolve_source(cfg: DataConfig) -> Source:
     src = cfg.source

@@ -84,6 +84,7 @@ class StreamingData(InMemoryData):
         self._it: Iterator[torch.Tensor] | None = None
 
     def _stream(self, epoch: int) -> Iterator[torch.Tensor]:
+        del epoch  # every epoch replays the stream in the same order
         docs = (d for d in iter_documents(self.cfg, self.source)
                 if not is_validation(d, self.cfg.val_fraction))
         yield from _packed_stream(docs, self.tokenizer, self.cfg.seq_len)

@@ -54,4 +54,14 @@ def peak_memory_mb(device: torch.device) -> float | None:
 
 
 def rss_peak_mb() -> float:
+    """The process's lifetime peak RSS (cannot be reset)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def rss_mb() -> float | None:
+    """Current resident set size (Linux /proc), sampled every step to get a per-window peak."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+    except (OSError, ValueError, IndexError):
+        return None

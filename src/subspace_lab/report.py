@@ -61,17 +61,22 @@ def _fmt(mean, std, digits=3) -> str:
 
 
 def aggregate(rows: list[dict]) -> list[dict]:
-    """Per optimizer, in first-seen order: mean and std over seeds of each quantity."""
-    by: dict[str, list[dict]] = defaultdict(list)
+    """Per (optimizer, lr), in first-seen order: mean and std over seeds of each quantity.
+    `best` marks the lr with the lowest mean validation loss of its optimizer (lr sweeps)."""
+    by: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
-        by[r["optimizer"]].append(r)
+        by[(r["optimizer"], r["lr"])].append(r)
     out = []
-    for name, rs in by.items():
-        agg = {"optimizer": name, "seeds": len(rs), "lr": rs[0]["lr"]}
+    for (name, lr), rs in by.items():
+        agg = {"optimizer": name, "seeds": len(rs), "lr": lr}
         for k in ("final_val_loss", "final_val_ppl", "optimizer_state_mb", "peak_memory_mb",
                   "tokens_per_s"):
             agg[k] = _mean_std([r[k] for r in rs])
         out.append(agg)
+    for name in {a["optimizer"] for a in out}:
+        mine = [a for a in out if a["optimizer"] == name and a["final_val_loss"][0] is not None]
+        if len(mine) > 1:
+            min(mine, key=lambda a: a["final_val_loss"][0])["best"] = True
     return out
 
 
@@ -81,14 +86,17 @@ def markdown_table(rows: list[dict], command: str | None = None) -> str:
     lines = [f"| optimizer | lr | seeds | val loss | val ppl | optimizer state (MB) | {mem_col} "
              f"| tokens/s |", "|---|---|---|---|---|---|---|---|"]
     for a in aggregate(rows):
-        lines.append(f"| {a['optimizer']} | {a['lr']:g} | {a['seeds']} | "
+        lr = f"{a['lr']:g}" + (" (best)" if a.get("best") else "")
+        lines.append(f"| {a['optimizer']} | {lr} | {a['seeds']} | "
                      f"{_fmt(*a['final_val_loss'])} | {_fmt(*a['final_val_ppl'], digits=2)} | "
                      f"{_fmt(*a['optimizer_state_mb'], digits=2)} | "
                      f"{_fmt(*a['peak_memory_mb'], digits=0)} | {_fmt(*a['tokens_per_s'], digits=0)} |")
     text = "\n".join(lines) + "\n"
     text += ("\nMean ± std over seeds. Validation perplexity = exp(token-weighted mean NLL) on the "
              "fixed held-out set. Optimizer state = bytes of every tensor in the optimizer's "
-             "state_dict. Tokens/s excludes evaluation and checkpointing.\n")
+             "state_dict. Tokens/s excludes evaluation and checkpointing. Peak memory: on CUDA, "
+             "max_memory_allocated of the run; on CPU, the process's resident set size sampled "
+             "after every step (it includes the Python/torch runtime, ~0.5-1 GB).\n")
     if command:
         text += f"\nReproduce with:\n\n    {command}\n"
     return text
@@ -117,10 +125,9 @@ def plot_val_loss(rows: list[dict], path: Path) -> None:
                  and e.get("val_loss") is not None]
         if not evals:
             continue
-        name = r["optimizer"]
+        name = f"{r['optimizer']} (lr {r['lr']:g})"
         line, = ax.plot([e["tokens"] / 1e6 for e in evals], [e["val_loss"] for e in evals],
-                        color=colors.get(name), alpha=0.85,
-                        label=None if name in colors else f"{name} (lr {r['lr']:g})")
+                        color=colors.get(name), alpha=0.85, label=None if name in colors else name)
         colors.setdefault(name, line.get_color())
     ax.set_xlabel("training tokens (M)")
     ax.set_ylabel("validation loss (nats/token)")
@@ -150,7 +157,7 @@ def plot_overlap(rows: list[dict], path: Path) -> bool:
         steps, ov = overlap_curve(r["run"])
         if not steps:
             continue
-        name = r["optimizer"]
+        name = f"{r['optimizer']} (lr {r['lr']:g})"
         line, = ax.plot(steps, ov, marker=".", color=colors.get(name), alpha=0.85,
                         label=None if name in colors else name)
         colors.setdefault(name, line.get_color())

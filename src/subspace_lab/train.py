@@ -23,7 +23,7 @@ from . import checkpoint as ckpt
 from . import distributed as D
 from .config import TrainConfig
 from .data import build_data
-from .metrics import JsonlWriter, peak_memory_mb, reset_peak_memory, rss_peak_mb
+from .metrics import JsonlWriter, peak_memory_mb, reset_peak_memory, rss_mb
 from .models import build_model, check_seq_len, count_params, lm_nll
 from .optimizers import build_optimizer, diagnostics, options_from_config, state_bytes
 from .schedule import warmup_cosine
@@ -158,8 +158,8 @@ def train(cfg: TrainConfig, data=None) -> TrainResult:
     if cfg.progress and info.is_main:
         from tqdm.auto import tqdm
         bar = tqdm(total=total, initial=step, desc=f"{cfg.optim.name}", dynamic_ncols=True)
-    win_tokens, win_time, win_losses = 0, 0.0, []
-    all_tokens, all_time = 0, 0.0
+    win_tokens, win_time, win_losses, win_rss = 0, 0.0, [], 0.0
+    all_tokens, all_time, run_rss = 0, 0.0, 0.0
     reset_peak_memory(device)
     model.train()
     while step < total:
@@ -198,6 +198,10 @@ def train(cfg: TrainConfig, data=None) -> TrainResult:
         all_tokens, all_time = all_tokens + tokens_per_step, all_time + dt
         result.losses.append(loss_value)
         win_losses.append(loss_value)
+        if device.type == "cpu":  # sampled after each step: activations are freed by then, so a
+            # lower bound of the true peak (the OS cannot reset ru_maxrss per window or run)
+            win_rss = max(win_rss, rss_mb() or 0.0)
+            run_rss = max(run_rss, win_rss)
 
         for d in diagnostics(opt):  # one record per refresh that has an overlap to report
             if d["refresh_count"] > refreshes.get(d["name"], 0):
@@ -215,8 +219,8 @@ def train(cfg: TrainConfig, data=None) -> TrainResult:
                 "lr": sched.get_last_lr()[0], "grad_norm": gnorm.item(),
                 "tokens": step * tokens_per_step, "tokens_per_s": win_tokens / max(win_time, 1e-9),
                 "optimizer_state_bytes": state_bytes(opt), "peak_memory_mb": peak_memory_mb(device),
-                "rss_peak_mb": rss_peak_mb(), "skipped_steps": skipped, "train_time_s": all_time})
-            win_tokens, win_time, win_losses = 0, 0.0, []
+                "rss_peak_mb": win_rss or None, "skipped_steps": skipped, "train_time_s": all_time})
+            win_tokens, win_time, win_losses, win_rss = 0, 0.0, [], 0.0
             reset_peak_memory(device)
         if (cfg.eval_every and step % cfg.eval_every == 0) or step == total:
             ev = {"event": "eval", "step": step, "tokens": step * tokens_per_step,
@@ -239,14 +243,15 @@ def train(cfg: TrainConfig, data=None) -> TrainResult:
     result.optimizer_state_bytes = state_bytes(opt)
     result.tokens_per_s = all_tokens / all_time if all_time > 0 else None
     result.peak_memory_mb = (torch.cuda.max_memory_allocated(device) / 2**20
-                             if device.type == "cuda" else rss_peak_mb())
+                             if device.type == "cuda" else run_rss or None)
     result.skipped_steps = skipped
     if info.is_main:
         summary = {k: getattr(result, k) for k in (
             "steps", "final_val_loss", "final_val_ppl", "optimizer_state_bytes", "tokens_per_s",
             "peak_memory_mb", "skipped_steps")}
         summary.update(optimizer=cfg.optim.name, lr=cfg.optim.lr, seed=cfg.seed,
-                       peak_memory_kind="cuda_max_allocated" if device.type == "cuda" else "cpu_rss")
+                       peak_memory_kind="cuda_max_allocated" if device.type == "cuda"
+                       else "cpu_rss_sampled")
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
     D.teardown(info)
     return result

@@ -38,7 +38,7 @@ def test_compare_and_report(tmp_path, lab_cache, capsys):
                "--rank", "4", "--update-proj-gap", "2", "--out-dir", str(out)])
     assert rc == 0
     printed = capsys.readouterr().out
-    assert f"Report: {out / 'results.md'}" in printed
+    assert f"Report: {(out / 'results.md').resolve()}" in printed
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert sorted((r["optimizer"], r["seed"], r["lr"]) for r in rows) == [
         ("adamw", "0", "0.002"), ("adamw", "1", "0.002"), ("i3s", "0", "0.005"), ("i3s", "1", "0.005")]
@@ -72,3 +72,20 @@ def test_console_script_and_extension_hook():
         assert cmd in proc.stdout
     from subspace_lab.commands import COMMANDS
     assert COMMANDS[:3] == ("pretrain", "compare", "report")
+
+
+def test_lr_sweep_parsing_and_best_marking():
+    from subspace_lab.compare import parse_lrs
+    from subspace_lab.report import aggregate, markdown_table
+    assert parse_lrs("adamw=3e-3,galore=5e-3:1e-2") == {"adamw": [3e-3], "galore": [5e-3, 1e-2]}
+    for bad in ("adamw", "adamw=x", "adamw=-1"):
+        with pytest.raises(ValueError, match="--lrs"):
+            parse_lrs(bad)
+    row = dict(optimizer="galore", seed=0, final_val_ppl=1.0, optimizer_state_mb=1.0,
+               peak_memory_mb=1.0, peak_memory_kind="cpu_rss_sampled", tokens_per_s=1.0)
+    rows = [{**row, "lr": 5e-3, "final_val_loss": 4.0}, {**row, "lr": 1e-2, "final_val_loss": 3.9},
+            {**row, "lr": 1e-2, "seed": 1, "final_val_loss": 3.7}]
+    agg = aggregate(rows)
+    assert [a.get("best", False) for a in agg] == [False, True]
+    assert agg[1]["final_val_loss"][0] == pytest.approx(3.8)
+    assert "| galore | 0.01 (best) | 2 | 3.800 ± 0.141 |" in markdown_table(rows)

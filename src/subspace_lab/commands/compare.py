@@ -12,8 +12,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--optimizers", default=",".join(DEFAULT_OPTIMIZERS),
                    help="comma list of optimizer names (default: %(default)s)")
     p.add_argument("--lrs", default=None,
-                   help="per-optimizer peak lr, e.g. adamw=3e-3,galore=1e-2 (defaults: "
-                        + ", ".join(f"{k}={v:g}" for k, v in DEFAULT_LRS.items()) + "; others: --lr)")
+                   help="per-optimizer peak lr, e.g. adamw=3e-3,galore=1e-2; several lrs "
+                        "separated by ':' sweep them, e.g. galore=5e-3:1e-2:2e-2 (defaults: "
+                        + ", ".join(f"{k}={v:g}" for k, v in DEFAULT_LRS.items()) + "; an explicit --lr replaces these defaults)")
     p.add_argument("--seeds", default="0", help="comma list of seeds (default: %(default)s)")
     add_config_args(p, exclude=("optimizer", "seed", "resume"))
     p.set_defaults(func=run)
@@ -33,6 +34,11 @@ def run(args) -> int:
         raise ValueError("--optimizers and --seeds must not be empty")
     import shlex
     command = shlex.join(["subspace", *getattr(args, "argv", ["compare"])])
-    paths = run_compare(cfg, optimizers, parse_lrs(args.lrs), seeds, cfg.out_dir, command)
+    from ..compare import DEFAULT_LRS
+    lrs = parse_lrs(args.lrs)
+    for name in optimizers:  # --lrs, else an explicit --lr, else the per-method default
+        lrs.setdefault(name, [cfg.optim.lr] if "optim.lr" in vars(args)
+                       else [DEFAULT_LRS.get(name, cfg.optim.lr)])
+    paths = run_compare(cfg, optimizers, lrs, seeds, cfg.out_dir, command)
     print_summary(paths)
     return 0
