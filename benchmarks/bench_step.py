@@ -19,7 +19,7 @@ import time
 import torch
 from torch import nn
 
-from subspace_optim import GaLoreAdamW, I3SAdamW, SubspaceOptimizer
+from subspace_optim import GaLoreAdamW, I3SAdamW, LDAdamW, OnlineSubspaceAdamW, SubspaceOptimizer
 
 HIDDEN, INTER, LAYERS, VOCAB = 512, 1376, 8, 32000
 
@@ -70,6 +70,11 @@ OPTIMIZERS = {
     "I3SAdamW, svd_method=gram": _ours(I3SAdamW, svd_method="gram"),
     "I3SAdamW + reset": _ours(I3SAdamW, transition="reset"),
     "random subspace": _ours(SubspaceOptimizer, selector="random", scale=0.25),
+    "I3SAdamW + rotate": _ours(I3SAdamW, transition="rotate"),
+    "GaLoreAdamW + Lion": _ours(GaLoreAdamW, inner="lion", betas=(0.9, 0.99)),
+    "OnlineSubspaceAdamW (paper)": _ours(OnlineSubspaceAdamW),
+    "OnlineSubspaceAdamW (code)": _ours(OnlineSubspaceAdamW, osd_variant="code"),
+    "LDAdamW": _ours(LDAdamW),
 }
 
 
