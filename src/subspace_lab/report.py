@@ -18,7 +18,7 @@ from .metrics import read_jsonl
 
 COLUMNS = ("optimizer", "seed", "lr", "steps", "final_val_loss", "final_val_ppl",
            "optimizer_state_mb", "peak_memory_mb", "peak_memory_kind", "tokens_per_s",
-           "skipped_steps", "run")
+           "refresh_time_s", "skipped_steps", "run")
 
 
 def find_runs(root: str | Path) -> list[Path]:
@@ -42,7 +42,9 @@ def load_rows(root: str | Path) -> list[dict]:
                      "optimizer_state_mb": s.get("optimizer_state_bytes", 0) / 2**20,
                      "peak_memory_mb": s.get("peak_memory_mb"),
                      "peak_memory_kind": s.get("peak_memory_kind"),
-                     "tokens_per_s": s.get("tokens_per_s"), "skipped_steps": s.get("skipped_steps"),
+                     "tokens_per_s": s.get("tokens_per_s"),
+                     "refresh_time_s": s.get("refresh_time_s"),
+                     "skipped_steps": s.get("skipped_steps"),
                      "run": str(run)})
     return rows
 
@@ -70,7 +72,7 @@ def aggregate(rows: list[dict]) -> list[dict]:
     for (name, lr), rs in by.items():
         agg = {"optimizer": name, "seeds": len(rs), "lr": lr}
         for k in ("final_val_loss", "final_val_ppl", "optimizer_state_mb", "peak_memory_mb",
-                  "tokens_per_s"):
+                  "tokens_per_s", "refresh_time_s"):
             agg[k] = _mean_std([r[k] for r in rs])
         out.append(agg)
     for name in {a["optimizer"] for a in out}:
@@ -84,17 +86,20 @@ def markdown_table(rows: list[dict], command: str | None = None) -> str:
     mem_kind = rows[0].get("peak_memory_kind") if rows else None
     mem_col = "peak GPU mem (MB)" if mem_kind == "cuda_max_allocated" else "peak RSS (MB)"
     lines = [f"| optimizer | lr | seeds | val loss | val ppl | optimizer state (MB) | {mem_col} "
-             f"| tokens/s |", "|---|---|---|---|---|---|---|---|"]
+             f"| tokens/s | refresh time (s) |", "|---|---|---|---|---|---|---|---|---|"]
     for a in aggregate(rows):
         lr = f"{a['lr']:g}" + (" (best)" if a.get("best") else "")
         lines.append(f"| {a['optimizer']} | {lr} | {a['seeds']} | "
                      f"{_fmt(*a['final_val_loss'])} | {_fmt(*a['final_val_ppl'], digits=2)} | "
                      f"{_fmt(*a['optimizer_state_mb'], digits=2)} | "
-                     f"{_fmt(*a['peak_memory_mb'], digits=0)} | {_fmt(*a['tokens_per_s'], digits=0)} |")
+                     f"{_fmt(*a['peak_memory_mb'], digits=0)} | {_fmt(*a['tokens_per_s'], digits=0)} | "
+                     f"{_fmt(*a['refresh_time_s'], digits=2)} |")
     text = "\n".join(lines) + "\n"
     text += ("\nMean ± std over seeds. Validation perplexity = exp(token-weighted mean NLL) on the "
              "fixed held-out set. Optimizer state = bytes of every tensor in the optimizer's "
-             "state_dict. Tokens/s excludes evaluation and checkpointing. Peak memory: on CUDA, "
+             "state_dict. Tokens/s excludes evaluation and checkpointing; it includes subspace refreshes, whose "
+             "extra time (refresh steps' optimizer time over the median plain step, summed) is "
+             "shown separately. Peak memory: on CUDA, "
              "max_memory_allocated of the run; on CPU, the process's resident set size sampled "
              "after every step (it includes the Python/torch runtime, ~0.5-1 GB).\n")
     if command:

@@ -45,6 +45,7 @@ class TrainResult:
     tokens_per_s: float | None = None
     peak_memory_mb: float | None = None
     skipped_steps: int = 0
+    refresh_time_s: float | None = None  # extra optimizer time of refresh steps (SVD, sampling)
     model: torch.nn.Module | None = field(default=None, repr=False)
     optimizer: torch.optim.Optimizer | None = field(default=None, repr=False)
 
@@ -67,6 +68,16 @@ def evaluate(model, data, cfg: TrainConfig, info: D.DistInfo, device, autocast) 
         return {"val_loss": None, "val_ppl": None, "val_tokens": 0}
     loss = (nll / count).item()
     return {"val_loss": loss, "val_ppl": math.exp(loss), "val_tokens": int(count.item())}
+
+
+def _refresh_overhead(opt_times: dict[bool, list[float]]) -> float | None:
+    """Total extra time of the optimizer steps that refreshed a subspace, over the median plain
+    step (None when no step refreshed, e.g. AdamW). Included in tokens/s, reported separately."""
+    plain, refresh = sorted(opt_times[False]), opt_times[True]
+    if not refresh:
+        return None
+    base = plain[len(plain) // 2] if plain else 0.0
+    return sum(max(0.0, t - base) for t in refresh)
 
 
 def _checkpoint_objects(model, opt, sched, data, step, skipped, cfg) -> dict:
@@ -154,6 +165,7 @@ def train(cfg: TrainConfig, data=None) -> TrainResult:
 
     result = TrainResult(str(out), total, skipped_steps=skipped, model=raw_model, optimizer=opt)
     refreshes = {d["name"]: d["refresh_count"] for d in diagnostics(opt)}
+    opt_times: dict[bool, list[float]] = {False: [], True: []}
     bar = None
     if cfg.progress and info.is_main:
         from tqdm.auto import tqdm
@@ -163,7 +175,7 @@ def train(cfg: TrainConfig, data=None) -> TrainResult:
     reset_peak_memory(device)
     model.train()
     while step < total:
-        t0 = time.perf_counter()
+        t0, t_opt = time.perf_counter(), None
         loss_sum = torch.zeros((), device=device)
         for micro in range(cfg.grad_accum):
             x = data.next_batch(cfg.batch_size, info.rank, info.world_size).to(device)
@@ -188,7 +200,9 @@ def train(cfg: TrainConfig, data=None) -> TrainResult:
                     f"{step + 1}; no update was applied (use --nonfinite skip to skip such steps)")
             skipped += 1
         else:
+            t_opt = time.perf_counter()
             opt.step()
+            t_opt = time.perf_counter() - t_opt
         opt.zero_grad(set_to_none=True)
         sched.step()
         step += 1
@@ -203,12 +217,16 @@ def train(cfg: TrainConfig, data=None) -> TrainResult:
             win_rss = max(win_rss, rss_mb() or 0.0)
             run_rss = max(run_rss, win_rss)
 
+        refreshed = False
         for d in diagnostics(opt):  # one record per refresh that has an overlap to report
             if d["refresh_count"] > refreshes.get(d["name"], 0):
+                refreshed = True
                 refreshes[d["name"]] = d["refresh_count"]
                 if d["overlap"] is not None:
                     overlaps.write({"step": step, "name": d["name"], "overlap": float(d["overlap"]),
                                     "refresh_count": d["refresh_count"]})
+        if t_opt is not None:  # optimizer-step time, split by whether a subspace refresh ran
+            opt_times[refreshed].append(t_opt)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{win_tokens / max(win_time, 1e-9):.0f}")
@@ -245,9 +263,11 @@ def train(cfg: TrainConfig, data=None) -> TrainResult:
     result.peak_memory_mb = (torch.cuda.max_memory_allocated(device) / 2**20
                              if device.type == "cuda" else run_rss or None)
     result.skipped_steps = skipped
+    result.refresh_time_s = _refresh_overhead(opt_times)
     if info.is_main:
         summary = {k: getattr(result, k) for k in (
             "steps", "final_val_loss", "final_val_ppl", "optimizer_state_bytes", "tokens_per_s",
+            "refresh_time_s",
             "peak_memory_mb", "skipped_steps")}
         summary.update(optimizer=cfg.optim.name, lr=cfg.optim.lr, seed=cfg.seed,
                        peak_memory_kind="cuda_max_allocated" if device.type == "cuda"
