@@ -45,15 +45,20 @@ P_BETAS, P_EPS = (0.9, 0.999), 1e-8  # torch.optim.AdamW's defaults, as in the c
 
 def online_pca_gradient(basis: torch.Tensor, grad: torch.Tensor, penalty: float) -> torch.Tensor:
     """Gradient w.r.t. ``basis`` P (k, r) of ``||P P^T G~ - G~||_F^2 + penalty ||P^T P - I||_F^2``,
-    with ``G~ = grad / ||grad||_F`` (zero for a zero gradient). All fp32; four (k, l, r) matmuls.
+    with ``G~ = grad / ||grad||_F`` (the gradient is zero for a zero ``grad``). All fp32.
+
+    With ``B = P^T G~`` (r, l), ``E = P B - G~`` and ``S = P^T P - I``: the reconstruction term's
+    gradient is ``2 (E B^T + G~ E^T P) = 2 (P (B B^T) + G~ B^T (S - I))``, so only two (k, l, r)
+    matmuls and no (k, l) temporary (the normalisation is applied to the small factors).
     """
     norm = torch.linalg.matrix_norm(grad)
-    g = grad / norm if norm > 0 else torch.zeros_like(grad)  # (k, l)
-    b = basis.T @ g  # (r, l)
-    e = basis @ b - g  # (k, l), reconstruction error
-    s = basis.T @ basis - torch.eye(basis.shape[1], dtype=basis.dtype, device=basis.device)  # (r, r)
-    # d/dP ||E||^2 = 2 (E (P^T G~)^T + G~ E^T P), and E^T P = B^T (P^T P - I).
-    out = 2 * (e @ b.T + g @ (b.T @ s))  # (k, r)
+    eye = torch.eye(basis.shape[1], dtype=basis.dtype, device=basis.device)
+    s = basis.T @ basis - eye  # (r, r)
+    if norm == 0:  # G~ = 0: only the penalty acts
+        out = torch.zeros_like(basis)
+    else:
+        b = (basis.T @ grad) / norm  # (r, l)
+        out = 2 * (basis @ (b @ b.T) + (grad @ (b.T @ (s - eye))) / norm)  # (k, r)
     if penalty:
         out += (4 * penalty) * (basis @ s)
     return out
