@@ -73,7 +73,7 @@ def aggregate(rows: list[dict]) -> list[dict]:
         agg = {"optimizer": name, "seeds": len(rs), "lr": lr}
         for k in ("final_val_loss", "final_val_ppl", "optimizer_state_mb", "peak_memory_mb",
                   "tokens_per_s", "refresh_time_s"):
-            agg[k] = _mean_std([r[k] for r in rs])
+            agg[k] = _mean_std([r.get(k) for r in rs])
         out.append(agg)
     for name in {a["optimizer"] for a in out}:
         mine = [a for a in out if a["optimizer"] == name and a["final_val_loss"][0] is not None]
