@@ -56,10 +56,15 @@ def test_compare_and_report(tmp_path, lab_cache, capsys):
     ("--optimizer", "nope", "unknown optimizer 'nope'; allowed: adamw, galore, i3s"),
     ("--model", "huge", "unknown model 'huge'; allowed: micro, tiny"),
     ("--data", "missing.jsonl", "not found"),
+    ("--seq-len", "300", "exceeds the model's max_position_embeddings 256"),
+    ("--nonfinite", "ignore", "invalid choice"),
 ])
 def test_bad_input_is_a_clear_error(tmp_path, lab_cache, capsys, flag, value, pattern):
-    rc = main(["pretrain", *_common(lab_cache), "--steps", "1", "--out-dir", str(tmp_path / "r"),
-               flag, value])
+    try:
+        rc = main(["pretrain", *_common(lab_cache), "--steps", "1",
+                   "--out-dir", str(tmp_path / "r"), flag, value])
+    except SystemExit as e:  # argparse rejects bad choices itself
+        rc = e.code
     assert rc == 2
     assert pattern in capsys.readouterr().err
 
