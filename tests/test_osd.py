@@ -195,3 +195,19 @@ def test_trains_with_lion_inner_rule():
     opt = OnlineSubspaceAdamW(groups_for(model), rank=2, lr=1e-2, inner="lion", betas=(0.9, 0.99))
     losses = train(model, opt, batches(1) * 15)
     assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("variant", ["paper", "code"])
+def test_zero_gradients_keep_weights_and_basis_finite(variant):
+    """G~ = G / ||G|| is taken as 0 for a zero gradient (autograd would give NaN): only the penalty acts."""
+    assert not online_pca_gradient(random_orthonormal(5, 2, torch.Generator().manual_seed(0)),
+                                   torch.zeros(5, 8), 0.0).any()
+    w = nn.Parameter(torch.randn(5, 8))
+    before = w.detach().clone()
+    opt = OnlineSubspaceAdamW([{"params": [w], "rank": 2}], osd_variant=variant)
+    for _ in range(3):
+        w.grad = torch.zeros_like(w)
+        opt.step()
+    assert torch.equal(w.detach(), before)
+    st = opt.state[w]
+    assert all(torch.isfinite(st[k]).all() for k in ("projector", *OSD_KEYS))

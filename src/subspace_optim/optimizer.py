@@ -51,7 +51,9 @@ class SubspaceOptimizer(Optimizer):
        fp32 basis ``P`` (k, r); the transition updates the inner state for the change of basis and
        the overlap ``||P_old^T P_new||_F^2 / r`` is recorded.
     5. ``R = P^T G`` (r, l) in fp32, cast to the state dtype; the inner rule turns ``R`` into a
-       direction ``N``; the update ``U = scale * P N`` is transposed back for right projections.
+       direction ``N``; the update ``U = scale * P N`` (Lion: ``sign(P N)``, no scale) is transposed
+       back for right projections. With ``error_feedback``, ``G`` is ``G + xi`` from step 4 on and
+       ``xi`` becomes what the projection and the transition lost (``error_feedback.py``).
     6. ``W <- (1 - lr * weight_decay) * W - lr * U``.
 
     Args:
