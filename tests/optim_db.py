@@ -50,7 +50,8 @@ OPTIMIZERS = [
     OptimInfo("ldadam", LDAdamW, dict(SMALL), windowed=False, update_in_subspace=False,
               extra_state_bytes=lambda k, l, r: k * l * 4),  # the fp32 error buffer
     OptimInfo("i3s_rotate", I3SAdamW, dict(SMALL, transition="rotate"), random=True),
-    OptimInfo("galore_lion", GaLoreAdamW, dict(SMALL, inner="lion", betas=(0.9, 0.99)), update_in_subspace=False),
+    OptimInfo("galore_lion", GaLoreAdamW, dict(SMALL, inner="lion", betas=(0.9, 0.99)),
+              update_in_subspace=False),
     OptimInfo("galore_sgd", GaLoreAdamW, dict(SMALL, inner="sgd", momentum=0.9)),
 ]
 

@@ -51,7 +51,8 @@ def test_matches_reference_implementation(shape):
     torch.manual_seed(0)
     w = nn.Parameter(torch.randn(shape))
     w0 = w.detach().clone()
-    grads = [torch.randn(shape) + 2 * torch.outer(torch.randn(shape[0]), torch.randn(shape[1])) for _ in range(12)]
+    grads = [torch.randn(shape) + 2 * torch.outer(torch.randn(shape[0]), torch.randn(shape[1]))
+             for _ in range(12)]
     opt = LDAdamW([{"params": [w], "subspace": True}], lr=1e-2, rank=2)
     for g in grads:
         w.grad = g.clone()

@@ -1,4 +1,5 @@
-"""subspace_optim: memory-efficient subspace optimizers for LLM training (GaLore, I3S, Online Subspace Descent, LDAdam, ...)."""
+"""subspace_optim: memory-efficient subspace optimizers for LLM training (GaLore, I3S, Online
+Subspace Descent, LDAdam, ...)."""
 
 from .diagnostics import optimizer_state_bytes, subspace_diagnostics
 from .optimizer import SubspaceOptimizer

@@ -84,8 +84,9 @@ class SubspaceOptimizer(Optimizer):
         osd_variant (str, "paper"), osd_alpha (float, 5.0, > 0), osd_p_optimizer (str, "adam"),
             osd_orthonormalize (bool, True): the ``online_pca`` selector (``selectors/online_pca.py``).
         svd_method (str, "svd"): how the ``dominant`` and ``importance`` selectors (and the first step
-            of ``online_pca`` and ``power``) factorise the gradient: ``svd`` (LAPACK thin SVD, the reference) or ``gram`` (``eigh`` of the Gram
-            matrix, 2-5x faster, see ``linalg.svd_gram_fp32``).
+            of ``online_pca`` and ``power``) factorise the gradient: ``svd`` (LAPACK thin SVD, the
+            reference) or ``gram`` (``eigh`` of the Gram matrix, 2-5x faster, see
+            ``linalg.svd_gram_fp32``).
         subspace (bool or None, None): default for groups that set neither ``subspace`` nor a GaLore
             key; None means dense, as in galore-torch.
         nonfinite (str, "error"): ``error`` or ``skip``.
