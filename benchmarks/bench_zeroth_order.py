@@ -212,7 +212,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--eps", type=float, default=1e-3)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--update-proj-gap", type=int, default=10)
