@@ -69,9 +69,9 @@ def test_planted_subspace_is_found(options):
 
 def test_order_weight_step_uses_P_t_and_P_next_comes_from_G_t():
     torch.manual_seed(0)
-    G0, G1a, G1b = torch.randn(6, 10), torch.randn(6, 10), torch.randn(6, 10)
+    G0, G1, G2a, G2b = (torch.randn(6, 10) for _ in range(4))
     bases = []
-    for G1 in (G1a, G1b):
+    for G2 in (G2a, G2b):
         w = nn.Parameter(torch.randn(6, 10))
         opt = OnlineSubspaceAdamW([{"params": [w], "rank": 2}], lr=1e-2, scale=1.0)
         w.grad = G0.clone()
@@ -83,13 +83,18 @@ def test_order_weight_step_uses_P_t_and_P_next_comes_from_G_t():
         torch.testing.assert_close(delta, P0 @ (P0.T @ delta), atol=1e-7, rtol=0)  # step 0 used P_0
         w.grad = G1.clone()
         opt.step()
+        P1 = opt.state[w]["projector"].clone()
+        # the PCA gradient at (P_0, G_0) is exactly zero, so P_1 is P_0 (up to the QR's rounding)
+        torch.testing.assert_close(P1, P0, atol=1e-6, rtol=0)
+        w.grad = G2.clone()
+        opt.step()
         bases.append(opt.state[w]["projector"].clone())
-    assert torch.equal(bases[0], bases[1])  # P_1 does not depend on G_1
-    # P_1 = QR(P_0 - 5 lr * Adam's first step on the PCA gradient at (P_0, G_0))
-    grad = online_pca_gradient(P0, G0, 0.1)
+    assert torch.equal(bases[0], bases[1])  # P_2 does not depend on G_2
+    # P_2 = QR(P_1 - 5 lr * Adam's second step, whose moments hold a zero and the gradient at (P_1, G_1))
+    grad = online_pca_gradient(P1, G1, 0.1)
     m, v = 0.1 * grad, 0.001 * grad * grad
-    denom = (v.sqrt() / (1 - 0.999) ** 0.5) + 1e-8
-    expected = orthonormalize(P0 - 5 * 1e-2 * (m / (1 - 0.9)) / denom)
+    denom = (v.sqrt() / (1 - 0.999**2) ** 0.5) + 1e-8
+    expected = orthonormalize(P1 - 5 * 1e-2 * (m / (1 - 0.9**2)) / denom)
     torch.testing.assert_close(bases[0], expected, rtol=1e-5, atol=1e-6)
 
 
@@ -211,3 +216,45 @@ def test_zero_gradients_keep_weights_and_basis_finite(variant):
     assert torch.equal(w.detach(), before)
     st = opt.state[w]
     assert all(torch.isfinite(st[k]).all() for k in ("projector", *OSD_KEYS))
+
+
+@pytest.mark.parametrize("variant", ["code", "paper"])
+def test_P_trajectory_matches_autograd_and_torch_adamw_reference(variant):
+    """The faithful mode (no QR) against the official code's mechanics: autograd on the PCA loss and
+    ``torch.optim.AdamW`` on P (code: lr (1/gap) * lr/initial_lr, wd 0.01, no step at the first
+    gradient; paper: penalty 0.1, lr alpha * lr, wd = the weights' wd, a step from the first gradient)."""
+    torch.manual_seed(0)
+    grads = [torch.randn(6, 10) for _ in range(8)]
+    lrs = [1e-2 * 0.8**t for t in range(8)]  # a schedule
+    w = nn.Parameter(torch.randn(6, 10))
+    opt = OnlineSubspaceAdamW([{"params": [w], "rank": 2}], lr=lrs[0], weight_decay=0.05, osd_variant=variant,
+                              update_proj_gap=4, osd_orthonormalize=False)
+    ours = []
+    for g, lr in zip(grads, lrs):
+        opt.param_groups[0]["lr"] = lr
+        w.grad = g.clone()
+        opt.step()
+        ours.append(opt.state[w]["projector"].clone())
+    P = nn.Parameter(svd_fp32(grads[0])[0][:, :2].clone())
+    penalty = 0.1 if variant == "paper" else 0.0
+    ref_opt = torch.optim.AdamW([P], lr=1.0, weight_decay=0.01 if variant == "code" else 0.05, foreach=False)
+    reference = []
+    for t, (g, lr) in enumerate(zip(grads, lrs)):
+        reference.append(P.detach().clone())  # the weight step of step t uses P_t
+        if variant == "code" and t == 0:
+            continue
+        if t == 0:  # paper: the gradient at P_0 = SVD(G_0) is exactly zero (autograd gives noise)
+            P.grad = torch.zeros_like(P)
+            ref_opt.param_groups[0]["lr"] = 5 * lr
+            ref_opt.step()
+            continue
+        with torch.enable_grad():
+            gn = g / g.norm()
+            loss = (P @ P.T @ gn - gn).pow(2).sum() + penalty * (P.T @ P - torch.eye(2)).pow(2).sum()
+            ref_opt.zero_grad()
+            loss.backward()
+        ref_opt.param_groups[0]["lr"] = (lr / lrs[0]) / 4 if variant == "code" else 5 * lr
+        ref_opt.step()  # P_{t+1} from G_t
+    for t, (a, b) in enumerate(zip(ours, reference)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m, t=t: f"step {t}: {m}")
+    assert not torch.equal(ours[1], ours[-1])

@@ -6,7 +6,9 @@ Two variants, group key ``osd_variant``:
 
 - ``"paper"`` (Alg. 1, Eq. 6): loss ``||P P^T G~ - G~||_F^2 + 0.1 ||P^T P - I||_F^2``; P learning
   rate ``osd_alpha * lr`` (alpha = 5); decoupled weight decay on P equal to the group's
-  ``weight_decay`` (the paper's lambda^P = lambda^W); P updated at every step, the first included.
+  ``weight_decay`` (the paper's lambda^P = lambda^W); P updated at every step, the first included
+  (its loss gradient at P_0 = SVD(G_0) is exactly zero and is taken as such: computed, its rounding
+  noise would become a full-size Adam step).
 - ``"code"`` (kyleliang919/Online-Subspace-Descent, ``proj_type="continuous"``): no orthogonality
   penalty; P learning rate ``(1 / update_proj_gap) * lr / initial_lr`` (it follows the weight LR
   schedule; ``initial_lr`` is the group key LR schedulers set, else the lr of the first step, and
@@ -104,14 +106,20 @@ class OnlinePCASelector(Selector):
             basis = self._apply_pending(previous, state, p_opt, group["osd_orthonormalize"])
         if "osd_step" not in state or _kind(state) != p_opt:
             self._init_state(state, basis, p_opt)
-        if previous is None and variant == "code":
-            return basis  # the code's P optimizer has no gradient at the first step
+        if variant == "code":
+            initial = group.setdefault("initial_lr", group["lr"])  # the lr of the first step
+            if previous is None:
+                return basis  # the code's P optimizer has no gradient at the first step
         penalty = PAPER_ORTHO_PENALTY if variant == "paper" else 0.0
-        g_p = online_pca_gradient(basis, grad, penalty)
+        if previous is None:
+            # P_0 spans G_0's top-r singular subspace, where the loss gradient is exactly zero; the
+            # rounding noise of computing it would be blown up to a full-size step by Adam.
+            g_p = torch.zeros_like(basis)
+        else:
+            g_p = online_pca_gradient(basis, grad, penalty)
         if variant == "paper":
             lr_p, wd_p = group["osd_alpha"] * group["lr"], group["weight_decay"]
         else:
-            initial = group.setdefault("initial_lr", group["lr"])
             ratio = group["lr"] / initial if initial > 0 else 1.0
             lr_p = ratio / group["update_proj_gap"]
             wd_p = CODE_P_WEIGHT_DECAY if p_opt == "adam" else 0.0
