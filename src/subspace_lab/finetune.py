@@ -11,6 +11,7 @@ loss curve, forward/backward passes used and the peak memory of the training win
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import time
@@ -190,9 +191,14 @@ def finetune(cfg: FinetuneConfig) -> dict:
             opt.zero_grad(set_to_none=True)
             model.eval()
             out = scorer.loss([task.prompt(task.train[i][0]) for i in idx], [task.train[i][1] for i in idx])
-            out.backward()
-            opt.step()
             loss = float(out.detach())
+            if not math.isfinite(loss):  # same policy as the zeroth-order optimizers
+                if cfg.nonfinite == "error":
+                    raise RuntimeError(f"non-finite loss {loss} at step {step}")
+                skipped += 1
+            else:
+                out.backward()
+                opt.step()
         losses.append(loss)
         bar.set_postfix(loss=f"{loss:.4f}")
     train_seconds = time.perf_counter() - t0
