@@ -15,6 +15,7 @@ import torch
 from torch.optim import Optimizer
 
 from . import error_feedback
+from .exact_state import ExactStateMixin
 from .inner import get_inner
 from .linalg import subspace_overlap
 from .selectors import SELECTORS, SelectionContext, get_selector
@@ -33,7 +34,7 @@ def _scalar_dtype() -> torch.dtype:
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
-class SubspaceOptimizer(Optimizer):
+class SubspaceOptimizer(ExactStateMixin, Optimizer):
     """AdamW whose 2-D weights train in a low-rank subspace of their gradient.
 
     Per step, for every parameter with a gradient:
@@ -184,38 +185,13 @@ class SubspaceOptimizer(Optimizer):
                 group.setdefault(key, value)
 
     def _exact_state_keys(self) -> set[str]:
+        """``step``, fp32 projectors, error buffers and the components' own fp32/integer state."""
         keys = set(BASE_EXACT_STATE_KEYS) | set(error_feedback.EXACT_STATE_KEYS)
         for component in (*SELECTORS.values(), *TRANSITIONS.values()):
             keys.update(component.exact_state_keys)
         for group in self.param_groups:
             keys.update(get_inner(group["inner"]).exact_state_keys)
         return keys
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        """torch's ``load_state_dict``, then the exact-dtype keys (``step``, fp32 projectors, integer
-        and RNG state) are restored at their saved dtype, and no state tensor aliases ``state_dict``.
-        """
-        captured = {}
-        handle = self.register_load_state_dict_pre_hook(lambda opt, sd: captured.setdefault("sd", sd))
-        try:
-            super().load_state_dict(state_dict)
-        finally:
-            handle.remove()
-        saved = captured["sd"]
-        exact = self._exact_state_keys()
-        for saved_group, group in zip(saved["param_groups"], self.param_groups):
-            for pid, p in zip(saved_group["params"], group["params"]):
-                saved_state = saved["state"].get(pid)
-                if not saved_state:
-                    continue
-                state = self.state[p]
-                for key, value in saved_state.items():
-                    if not isinstance(value, torch.Tensor):
-                        continue
-                    if key in exact:
-                        state[key] = value.to(device=p.device, copy=True)
-                    elif state[key].data_ptr() == value.data_ptr():
-                        state[key] = state[key].clone()
 
     @property
     def skipped_steps(self) -> int:
