@@ -12,7 +12,6 @@ from torch import nn
 
 from subspace_optim.rng import generator_for
 from subspace_optim.zeroth_order import MeZO, SubZero
-from subspace_optim.zeroth_order.reshape import most_square, subspace_shape
 
 OPTIMIZERS = {"mezo": MeZO, "subzero": SubZero}
 SMALL = {"mezo": dict(lr=1e-2, eps=1e-3), "subzero": dict(lr=1e-2, eps=1e-3, rank=2, update_proj_gap=3)}

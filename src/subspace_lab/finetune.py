@@ -15,7 +15,7 @@ import math
 import os
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -53,7 +53,6 @@ class FinetuneConfig:
     device: str = "cpu"
     threads: int | None = None  # torch.set_num_threads; None keeps torch's default
     progress: bool = True
-    extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
         if self.optimizer not in OPTIMIZERS:
