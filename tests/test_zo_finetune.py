@@ -147,3 +147,14 @@ def test_finetune_rejects_bad_config(jsonl_file):
     with pytest.raises(ValueError, match="matches no parameter"):
         ft.finetune(ft.FinetuneConfig(model="tiny-random", task=str(jsonl_file), trainable="nope",
                                       steps=1, n_train=4, n_eval=2, progress=False))
+
+
+def test_registered_in_the_subspace_command(jsonl_file, tmp_path, capsys):
+    from subspace_lab.cli import main
+
+    code = main(["finetune", "--model", "tiny-random", "--task", str(jsonl_file), "--optimizer", "mezo",
+                 "--steps", "1", "--batch-size", "2", "--n-train", "4", "--n-eval", "2",
+                 "--out-dir", str(tmp_path / "main"), "--no-progress"])
+    assert code == 0 and (tmp_path / "main" / "results.json").is_file()
+    assert main(["finetune", "--model", "tiny-random", "--task", str(jsonl_file), "--steps", "-1",
+                 "--no-progress"]) == 2  # bad input: the CLI's clear-error exit code
