@@ -20,13 +20,14 @@ from typing import Callable, Iterable
 import torch
 from torch.optim import Optimizer
 
-from .checks import check_choice, check_int, check_real
+from ..exact_state import ExactStateMixin
+from ..checks import check_choice, check_int, check_real
 
 ESTIMATORS = ("two-sided", "one-sided")
 NONFINITE_POLICIES = ("error", "skip")
 
 
-class ZerothOrderOptimizer(Optimizer):
+class ZerothOrderOptimizer(ExactStateMixin, Optimizer):
     """Base class: the SPSA step shared by :class:`MeZO` and :class:`SubZero`.
 
     Subclasses provide :meth:`_direction` (the perturbation ``z`` of one parameter, regenerated from
@@ -250,27 +251,6 @@ class ZerothOrderOptimizer(Optimizer):
         p.add_(buf, alpha=-lr)
 
     # ---------------------------------------------------------------------------- state dict
-    def load_state_dict(self, state_dict: dict) -> None:
-        """torch's ``load_state_dict``, except that ``_exact_dtype_keys`` keep their saved dtype.
-
-        torch casts every floating per-parameter state tensor to the parameter's dtype (only
-        ``step`` is exempt), which would turn an fp32 subspace basis of a bf16 weight into bf16 and
-        break bit-identical resume; those entries are taken out first and put back on the
-        parameter's device only.
-        """
-        exact: dict[int, dict[str, torch.Tensor]] = {}
-        if self._exact_dtype_keys:
-            stripped = {}
-            for idx, entry in state_dict["state"].items():
-                keep = {k: v for k, v in entry.items() if k not in self._exact_dtype_keys}
-                exact[idx] = {k: v for k, v in entry.items() if k in self._exact_dtype_keys}
-                stripped[idx] = keep
-            state_dict = dict(state_dict, state=stripped)
-        super().load_state_dict(state_dict)
-        if not exact:
-            return
-        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
-        for idx, p in zip(ids, params):
-            for k, v in exact.get(idx, {}).items():
-                self.state[p][k] = v.detach().to(device=p.device, copy=True)
+    def _exact_state_keys(self) -> set[str]:
+        """``_exact_dtype_keys`` keep their saved dtype through ``load_state_dict`` (ExactStateMixin)."""
+        return set(self._exact_dtype_keys)

@@ -22,7 +22,7 @@ import torch
 from ..linalg import random_orthonormal
 from ..rng import generator_for
 from .base import ZerothOrderOptimizer
-from .checks import check_int
+from ..checks import check_int
 from .reshape import subspace_shape
 
 

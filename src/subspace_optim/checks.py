@@ -1,7 +1,5 @@
-"""Hyperparameter validation for the zeroth-order optimizers (MeZO arXiv 2305.17333, SubZero arXiv
-2410.08989): every bad value raises ``ValueError`` naming the argument and its allowed range, so a
-typo never turns into silent damage.
-"""
+"""Hyperparameter checks shared by every optimizer: a bad value raises ``ValueError`` naming the
+argument and its allowed range, so a typo never turns into silent damage."""
 
 from __future__ import annotations
 
@@ -33,8 +31,9 @@ def check_int(name: str, value, low: int, high: int | None = None) -> int:
     return v
 
 
-def check_choice(name: str, value, choices: tuple[str, ...]) -> str:
-    """``value`` if it is one of ``choices``, else ``ValueError``."""
+def check_choice(name: str, value, choices) -> str:
+    """``value`` if it is one of ``choices`` (any collection of names), else ``ValueError``."""
+    choices = tuple(choices)
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
     return value
