@@ -45,16 +45,10 @@ def trainer_cls_and_kwargs(model: torch.nn.Module, name: str = "i3s", lr: float 
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; allowed: {', '.join(sorted(OPTIMIZERS))}")
     o = _options(lr, **options)
-    class_name = getattr(OPTIMIZERS[name], "class_name", None)
-    if class_name is None:  # dense optimizers: let the Trainer group the params itself
+    class_and_kwargs = getattr(OPTIMIZERS[name], "class_and_kwargs", None)
+    if class_and_kwargs is None:  # dense optimizers: let the Trainer group the params itself
         if name != "adamw":
             raise ValueError(f"optimizer {name!r} has no class form; use build_trainer_optimizer")
         return torch.optim.AdamW, {"lr": o.lr, "betas": o.betas, "eps": o.eps,
                                    "weight_decay": o.weight_decay}
-    import subspace_optim as so
-
-    groups = so.subspace_param_groups(model, target_modules=o.target_modules, rank=o.rank,
-                                      update_proj_gap=o.update_proj_gap, scale=o.scale)
-    return getattr(so, class_name), {"params": groups, "lr": o.lr, "betas": o.betas, "eps": o.eps,
-                                     "weight_decay": o.weight_decay, "seed": o.seed,
-                                     "nonfinite": o.nonfinite}
+    return class_and_kwargs(model, o)

@@ -40,18 +40,26 @@ def adamw(model: torch.nn.Module, o: OptimizerOptions) -> torch.optim.Optimizer:
                              weight_decay=o.weight_decay)
 
 
-def subspace(class_name: str) -> Callable[[torch.nn.Module, OptimizerOptions], torch.optim.Optimizer]:
-    """A builder for a `subspace_optim` preset class taking GaLore's group keys."""
-    def build(model: torch.nn.Module, o: OptimizerOptions) -> torch.optim.Optimizer:
+def subspace(class_name: str, **fixed) -> Callable[[torch.nn.Module, OptimizerOptions], torch.optim.Optimizer]:
+    """A builder for a `subspace_optim` preset class taking GaLore's group keys. `fixed` are the
+    method's own settings, which the shared options do not override (e.g. LDAdam's betas and its
+    unscaled update, the random baseline's selector)."""
+    def class_and_kwargs(model: torch.nn.Module, o: OptimizerOptions) -> tuple[type, dict]:
         import subspace_optim as so
 
-        groups = so.subspace_param_groups(model, target_modules=o.target_modules, rank=o.rank,
-                                          update_proj_gap=o.update_proj_gap, scale=o.scale)
-        cls = getattr(so, class_name)
-        return cls(groups, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
-                   seed=o.seed, nonfinite=o.nonfinite)
+        group_keys = {"rank": o.rank, "update_proj_gap": o.update_proj_gap, "scale": o.scale}
+        group_keys.update({k: v for k, v in fixed.items() if k in group_keys})
+        groups = so.subspace_param_groups(model, target_modules=o.target_modules, **group_keys)
+        kwargs = dict(params=groups, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
+                      seed=o.seed, nonfinite=o.nonfinite)
+        kwargs.update({k: v for k, v in fixed.items() if k not in group_keys})
+        return getattr(so, class_name), kwargs
+
+    def build(model: torch.nn.Module, o: OptimizerOptions) -> torch.optim.Optimizer:
+        cls, kwargs = class_and_kwargs(model, o)
+        return cls(**kwargs)
     build.__name__ = f"build_{class_name}"
-    build.class_name = class_name  # lets hf_trainer hand (class, kwargs) to the HF Trainer
+    build.class_and_kwargs = class_and_kwargs  # lets hf_trainer hand (class, kwargs) to the HF Trainer
     return build
 
 
@@ -59,6 +67,10 @@ OPTIMIZERS: dict[str, Callable[[torch.nn.Module, OptimizerOptions], torch.optim.
     "adamw": adamw,
     "galore": subspace("GaLoreAdamW"),
     "i3s": subspace("I3SAdamW"),
+    "i3s-rotate": subspace("I3SAdamW", transition="rotate"),
+    "random": subspace("SubspaceOptimizer", selector="random"),
+    "osd": subspace("OnlineSubspaceAdamW"),
+    "ldadam": subspace("LDAdamW", betas=(0.908, 0.99), scale=1.0, eps=1e-8),
 }
 
 
