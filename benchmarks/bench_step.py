@@ -127,6 +127,8 @@ def main(argv=None):
     parser.add_argument("--rank", type=int, default=128)
     parser.add_argument("--update-proj-gap", type=int, default=200)
     parser.add_argument("--steps", type=int, default=10, help="timed ordinary steps per optimizer")
+    parser.add_argument("--only", default=None,
+                        help="comma list of substrings: run only the matching optimizers (AdamW always runs)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -137,6 +139,10 @@ def main(argv=None):
         builders["galore-torch GaLoreAdamW (peer)"] = _galore_torch
     except Exception:
         print("galore-torch not installed: peer row skipped")
+    if args.only:
+        wanted = [w.strip().lower() for w in args.only.split(",") if w.strip()]
+        builders = {n: b for n, b in builders.items()
+                    if n == "AdamW (torch)" or any(w in n.lower() for w in wanted)}
     print(f"LLaMA-60M shapes, rank {args.rank}, update_proj_gap {args.update_proj_gap}, device {device}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     rows = {name: measure(build, device, args.rank, args.update_proj_gap, args.steps) for name, build in builders.items()}

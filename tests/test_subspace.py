@@ -440,3 +440,13 @@ def test_diagnostics_overlap_recorded_per_refresh():
     recs = subspace_diagnostics(opt)
     assert {r["name"] for r in recs} == {"up.weight", "down.weight"}
     assert all(0.0 <= r["overlap"] <= 1.0 + 1e-6 and r["refresh_count"] == 2 for r in recs)
+
+
+@ALL
+def test_s10_huge_finite_gradient_is_not_mistaken_for_nonfinite(info):
+    """The fast screen sums each gradient; a finite gradient whose sum overflows must still step."""
+    model, opt = build(info, nonfinite="error")
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 3e38)
+    opt.step()
+    assert opt.skipped_steps == 0 and int(opt.state[model.up.weight]["step"]) == 1

@@ -37,8 +37,13 @@ def svd_gram_fp32(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     a = matrix.detach().to(torch.float32)
     if a.shape[0] > a.shape[1]:  # the thin SVD has min(k, l) columns: keep the reference's shapes
         return svd_fp32(a)
+    # scaled to max |a_ij| = 1 first, so that squaring cannot overflow (or underflow) in fp32
+    scale = a.abs().amax()
+    if scale == 0 or not torch.isfinite(scale):
+        return svd_fp32(a)
+    a = a / scale
     evals, evecs = torch.linalg.eigh(a @ a.T)  # ascending
-    s = evals.flip(0).clamp_(min=0).sqrt_()
+    s = evals.flip(0).clamp_(min=0).sqrt_().mul_(scale)
     return canonical_signs(evecs.flip(1)), s
 
 

@@ -243,8 +243,11 @@ class SubspaceOptimizer(ExactStateMixin, Optimizer):
         by_device = {}
         for _, key, p in work:
             by_device.setdefault(p.grad.device, []).append(p.grad)
-        # One synchronisation per device; the offender is searched only when there is one.
-        if all(bool(torch.stack([g.isfinite().all() for g in grads]).all()) for grads in by_device.values()):
+        # Fast screen: a NaN or Inf makes its tensor's sum non-finite, and a sum reads the gradient
+        # once without allocating a mask. One synchronisation per device. Only a non-finite sum
+        # (a bad value, or, practically never, a finite overflow) triggers the exact search.
+        if all(bool(torch.stack([g.sum(dtype=torch.float32) for g in grads]).isfinite().all())
+               for grads in by_device.values()):
             return None
         for _, key, p in work:
             if not bool(p.grad.isfinite().all()):
@@ -315,14 +318,15 @@ class SubspaceOptimizer(ExactStateMixin, Optimizer):
         if feedback:
             error_feedback.store(state, grad32, basis, reduced, lost, inner.feedback_coefficient(group), left)
         d = inner.direction(reduced, state, group, state["inner_step"])
-        update = basis @ d.dense().to(torch.float32)  # (k, l)
+        direction = d.dense().to(torch.float32)  # (r, l)
+        # back in the weight's own layout: (k, l) for a left projection, (l, k) = (P N)^T for a
+        # right one, computed as N^T P^T so that the update is contiguous like the weight
+        update = basis @ direction if left else direction.T @ basis.T
         alpha = group["lr"] / d.step_divisor
         if inner.sign_after_backprojection:
             update = update.sign()  # Lion: the sign makes the scale irrelevant
         else:
             alpha = alpha * group["scale"]
-        if not left:
-            update = update.T
         lr, wd = group["lr"], group["weight_decay"]
         if wd != 0:
             p.mul_(1 - lr * wd)
