@@ -421,3 +421,8 @@ def test_g21_state_bytes_match_formula(info):
         else:
             expected += moments * p.numel() * 4 + 4
     assert optimizer_state_bytes(opt) == expected
+
+
+def test_warns_when_nothing_is_projected():
+    with pytest.warns(UserWarning, match="no parameter group is projected"):
+        SubspaceOptimizer(TinyNet().parameters())
