@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 
 import torch
 from torch import nn
@@ -62,6 +63,14 @@ def state_equal(a: dict, b: dict) -> bool:
     if isinstance(a, (list, tuple)):
         return len(a) == len(b) and all(state_equal(x, y) for x, y in zip(a, b))
     return a == b
+
+
+def through_file(state_dict: dict) -> dict:
+    """``state_dict`` after ``torch.save`` and ``torch.load(weights_only=True)``."""
+    buf = io.BytesIO()
+    torch.save(state_dict, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
 
 
 def params_equal(m1: nn.Module, m2: nn.Module) -> bool:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import copy
-import io
 
 import pytest
 import torch
 from torch import nn
 
-from helpers import TinyNet, batches, groups_for, loss_of, params_equal, state_equal, train
+from helpers import TinyNet, batches, groups_for, loss_of, params_equal, state_equal, train, through_file
 from optim_db import OPTIMIZERS, OptimInfo
 from subspace_optim import SubspaceOptimizer, optimizer_state_bytes
 
@@ -206,10 +205,7 @@ def test_g7_g8_state_dict_round_trip_continues_identically(info, k, via_file):
     train(model, opt, data[:k])
     sd = copy.deepcopy(opt.state_dict())
     if via_file:
-        buf = io.BytesIO()
-        torch.save(sd, buf)
-        buf.seek(0)
-        sd = torch.load(buf, weights_only=True)
+        sd = through_file(sd)
     model2 = copy.deepcopy(model)
     _, opt2 = build(info, model2)
     opt2.load_state_dict(sd)

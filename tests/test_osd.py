@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import copy
-import io
 
 import pytest
 import torch
 from torch import nn
 
-from helpers import TinyNet, batches, groups_for, state_equal, train
+from helpers import TinyNet, batches, groups_for, state_equal, train, through_file
 from subspace_optim import OnlineSubspaceAdamW, SubspaceOptimizer
 from subspace_optim.linalg import orthonormalize, random_orthonormal, svd_fp32
 from subspace_optim.selectors import SelectionContext, get_selector
@@ -152,10 +151,7 @@ def test_resume_is_bit_identical_including_P_optimizer_state(options, via_file):
     train(model, opt, data[:4])
     sd = copy.deepcopy(opt.state_dict())
     if via_file:
-        buf = io.BytesIO()
-        torch.save(sd, buf)
-        buf.seek(0)
-        sd = torch.load(buf, weights_only=True)
+        sd = through_file(sd)
     model2 = TinyNet(seed=9)
     model2.load_state_dict(model.state_dict())
     opt2 = OnlineSubspaceAdamW(groups_for(model2), rank=2, lr=1e-2, **options)

@@ -17,13 +17,7 @@ OPTIMIZERS = {"mezo": MeZO, "subzero": SubZero}
 SMALL = {"mezo": dict(lr=1e-2, eps=1e-3), "subzero": dict(lr=1e-2, eps=1e-3, rank=2, update_proj_gap=3)}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny problems: one thread avoids OpenMP spin-waiting on a busy 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def make(name, params, **overrides):

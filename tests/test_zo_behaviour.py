@@ -16,13 +16,7 @@ from subspace_optim.zeroth_order import MeZO, SubZero
 from subspace_optim.zeroth_order.reshape import most_square, subspace_shape
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny problems: one thread avoids OpenMP spin-waiting on a busy 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def small_model(seed=0):

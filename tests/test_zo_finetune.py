@@ -18,13 +18,7 @@ POS = ["a great film", "wonderful and moving", "i loved it", "superb acting", "a
 NEG = ["a dull mess", "boring and long", "i hated it", "awful acting", "a waste of time"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny problems: one thread avoids OpenMP spin-waiting on a busy 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture()

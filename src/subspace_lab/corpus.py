@@ -19,7 +19,7 @@ from typing import Iterator
 
 from .config import DataConfig
 
-_VERSE_NUMBER = re.compile(r"(?<!\S)\d+:\d+(?:-\d+)?\s+")
+VERSE_NUMBER = re.compile(r"(?<!\S)\d+:\d+(?:-\d+)?\s+")
 TEXT_EXT = (".txt", ".text", ".md")
 JSON_EXT = (".jsonl", ".json")
 
@@ -44,7 +44,7 @@ def kjv_documents() -> list[str]:
     chapters: dict[tuple, list[str]] = {}
     for t, b, c, p1, p2 in rows:
         text = " ".join(x for x in (p1, p2) if x)
-        chapters.setdefault((t, b, c), []).append(_VERSE_NUMBER.sub("", text).strip())
+        chapters.setdefault((t, b, c), []).append(VERSE_NUMBER.sub("", text).strip())
     return [" ".join(v) for v in chapters.values()]
 
 

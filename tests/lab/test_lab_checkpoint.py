@@ -8,7 +8,6 @@ import textwrap
 
 import pytest
 
-from lab_helpers import single_thread  # noqa: F401
 import torch
 
 from subspace_lab import checkpoint as ckpt

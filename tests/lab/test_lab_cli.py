@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lab_helpers import lab_cache, single_thread  # noqa: F401
+from lab_helpers import lab_cache  # noqa: F401
 from subspace_lab.cli import main
 
 

@@ -2,7 +2,6 @@ import argparse
 
 import pytest
 
-from lab_helpers import single_thread  # noqa: F401
 
 from subspace_lab.config import TrainConfig, add_config_args, config_from_args
 

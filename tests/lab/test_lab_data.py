@@ -3,7 +3,7 @@ import re
 import pytest
 import torch
 
-from lab_helpers import lab_cache, write_jsonl_corpus, write_text_corpus, single_thread  # noqa: F401
+from lab_helpers import lab_cache, write_jsonl_corpus, write_text_corpus  # noqa: F401
 from subspace_lab.config import DataConfig
 from subspace_lab.corpus import is_validation, iter_documents, kjv_documents
 from subspace_lab.data import build_data, pack

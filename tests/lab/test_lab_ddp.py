@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from lab_helpers import lab_cache, make_cfg, single_thread  # noqa: F401
+from lab_helpers import lab_cache, make_cfg  # noqa: F401
 from subspace_lab.train import train
 
 WORKER = textwrap.dedent("""

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lab_helpers import lab_cache, make_cfg, single_thread  # noqa: F401
+from lab_helpers import lab_cache, make_cfg  # noqa: F401
 from subspace_lab.optimizers import OPTIMIZERS
 from subspace_lab.train import train
 

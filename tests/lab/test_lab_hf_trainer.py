@@ -5,7 +5,6 @@ import torch
 
 pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
 
-from lab_helpers import single_thread  # noqa: E402,F401
 from subspace_lab.hf_trainer import build_trainer_optimizer, trainer_cls_and_kwargs  # noqa: E402
 from subspace_lab.models import build_model  # noqa: E402
 

@@ -2,7 +2,6 @@ import math
 
 import pytest
 
-from lab_helpers import single_thread  # noqa: F401
 import torch
 
 from subspace_lab.models import MODEL_SHAPES, build_model, count_params, llama_config, lm_nll

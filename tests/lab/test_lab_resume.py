@@ -3,7 +3,7 @@ Cuts straddle a subspace refresh (gap 5: refreshes at steps 1, 6, 11)."""
 import pytest
 import torch
 
-from lab_helpers import lab_cache, make_cfg, params_equal, read_jsonl, single_thread  # noqa: F401
+from lab_helpers import lab_cache, make_cfg, params_equal, read_jsonl  # noqa: F401
 from subspace_lab import checkpoint as ckpt
 from subspace_lab.train import train
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import subspace_lab.train as T
-from lab_helpers import lab_cache, make_cfg, params_equal, read_jsonl, single_thread  # noqa: F401
+from lab_helpers import lab_cache, make_cfg, params_equal, read_jsonl  # noqa: F401
 from subspace_lab import checkpoint as ckpt
 from subspace_lab.schedule import lr_factor
 
