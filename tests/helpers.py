@@ -77,5 +77,26 @@ def params_equal(m1: nn.Module, m2: nn.Module) -> bool:
     return all(torch.equal(p, q) for p, q in zip(m1.parameters(), m2.parameters()))
 
 
+def assert_resumes_identically(make_optimizer, data, k: int, via_file: bool) -> None:
+    """Train ``k`` steps, load the state into fresh objects (``torch.save``/``load`` when
+    ``via_file``), then both runs continue on ``data[k:]`` bitwise identically."""
+    model = TinyNet()
+    opt = make_optimizer(model)
+    train(model, opt, data[:k])
+    sd = copy.deepcopy(opt.state_dict())
+    if via_file:
+        sd = through_file(sd)
+    model2 = TinyNet(seed=5)  # a different init: everything must come from the checkpoint
+    model2.load_state_dict(model.state_dict())
+    opt2 = make_optimizer(model2)
+    opt2.load_state_dict(sd)
+    assert state_equal(opt.state_dict(), opt2.state_dict())
+    for batch in data[k:]:
+        train(model, opt, [batch])
+        train(model2, opt2, [batch])
+        assert params_equal(model, model2)
+    assert state_equal(opt.state_dict(), opt2.state_dict())
+
+
 def snapshot(model, opt):
     return copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import TinyNet, batches, groups_for, state_equal, train, through_file
+from helpers import TinyNet, assert_resumes_identically, batches, groups_for, state_equal, train
 from subspace_optim import LDAdamW, SubspaceOptimizer
 from subspace_optim.linalg import orthonormalize, svd_fp32
 
@@ -112,23 +112,7 @@ def test_error_buffer_is_not_touched_by_gradient_clipping_or_zero_grad():
 
 @pytest.mark.parametrize("via_file", [False, True])
 def test_resume_is_bit_identical_including_error_buffer(via_file):
-    data = batches(10)
-    model = TinyNet()
-    opt = LDAdamW(groups_for(model), rank=2, lr=1e-2)
-    train(model, opt, data[:4])
-    sd = copy.deepcopy(opt.state_dict())
-    if via_file:
-        sd = through_file(sd)
-    model2 = TinyNet(seed=5)
-    model2.load_state_dict(model.state_dict())
-    opt2 = LDAdamW(groups_for(model2), rank=2, lr=1e-2)
-    opt2.load_state_dict(sd)
-    assert state_equal(opt.state_dict(), opt2.state_dict())
-    for batch in data[4:]:
-        train(model, opt, [batch])
-        train(model2, opt2, [batch])
-        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), model2.parameters()))
-    assert state_equal(opt.state_dict(), opt2.state_dict())
+    assert_resumes_identically(lambda m: LDAdamW(groups_for(m), rank=2, lr=1e-2), batches(10), 4, via_file)
 
 
 def test_error_buffer_stays_fp32_with_bf16_params_after_load():

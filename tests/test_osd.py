@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import TinyNet, batches, groups_for, state_equal, train, through_file
+from helpers import TinyNet, assert_resumes_identically, batches, groups_for, state_equal, train
 from subspace_optim import OnlineSubspaceAdamW, SubspaceOptimizer
 from subspace_optim.linalg import orthonormalize, random_orthonormal, svd_fp32
 from subspace_optim.selectors import SelectionContext, get_selector
@@ -145,23 +145,8 @@ def test_paper_variant_P_lr_and_weight_decay():
 @pytest.mark.parametrize("options", [dict(), dict(osd_variant="code", osd_p_optimizer="sgd")])
 @pytest.mark.parametrize("via_file", [False, True])
 def test_resume_is_bit_identical_including_P_optimizer_state(options, via_file):
-    data = batches(10)
-    model = TinyNet()
-    opt = OnlineSubspaceAdamW(groups_for(model), rank=2, lr=1e-2, **options)
-    train(model, opt, data[:4])
-    sd = copy.deepcopy(opt.state_dict())
-    if via_file:
-        sd = through_file(sd)
-    model2 = TinyNet(seed=9)
-    model2.load_state_dict(model.state_dict())
-    opt2 = OnlineSubspaceAdamW(groups_for(model2), rank=2, lr=1e-2, **options)
-    opt2.load_state_dict(sd)
-    assert state_equal(opt.state_dict(), opt2.state_dict())
-    for batch in data[4:]:
-        train(model, opt, [batch])
-        train(model2, opt2, [batch])
-        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), model2.parameters()))
-    assert state_equal(opt.state_dict(), opt2.state_dict())
+    assert_resumes_identically(lambda m: OnlineSubspaceAdamW(groups_for(m), rank=2, lr=1e-2, **options),
+                               batches(10), 4, via_file)
 
 
 @pytest.mark.parametrize("p_optimizer,keys", [("adam", OSD_KEYS), ("sgd", ("osd_grad",))])

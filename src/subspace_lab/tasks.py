@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import json
 import random
-import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .corpus import VERSE_NUMBER, kjv_db_path
+from .corpus import VERSE_NUMBER, kjv_rows
 
 
 @dataclass
@@ -60,12 +59,7 @@ def _balanced_split(examples: list[tuple[str, int]], n_classes: int, n_train: in
 def kjv_testament_task(n_train: int = 512, n_eval: int = 200, seed: int = 0,
                        max_chars: int = 160) -> Task:
     """Old vs New Testament from single KJV verses (verse numbers stripped, cut at `max_chars`)."""
-    con = sqlite3.connect(f"file:{kjv_db_path()}?mode=ro", uri=True)
-    try:
-        rows = con.execute("SELECT TestamentID, Passage1 FROM Bible ORDER BY TestamentID, BookID, "
-                           "ChapterID, VerseID").fetchall()
-    finally:
-        con.close()
+    rows = kjv_rows("TestamentID", "Passage1")
     examples = []
     for testament, passage in rows:
         text = VERSE_NUMBER.sub("", passage or "").strip()
