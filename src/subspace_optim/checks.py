@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 from numbers import Integral, Real
 
+NONFINITE_POLICIES = ("error", "skip")  # what an optimizer does with a non-finite gradient or loss
+
 
 def check_real(name: str, value, low: float, high: float = math.inf, *, low_open: bool = False,
                high_open: bool = True) -> float:
@@ -36,4 +38,11 @@ def check_choice(name: str, value, choices) -> str:
     choices = tuple(choices)
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    return value
+
+
+def check_bool(name: str, value) -> bool:
+    """``value`` if it is exactly True or False (not 0/1 or a string), else ``ValueError``."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
     return value

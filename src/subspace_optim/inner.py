@@ -1,24 +1,25 @@
 """Inner rules: the small optimizer that runs on the projected gradient (or the full one, dense).
 
-Each rule owns its state keys, creates them, and turns a gradient into an update direction. The
-direction is returned as ``(numerator, denominator, step_divisor)`` so that the dense path can apply
-it with one fused ``addcdiv_`` exactly as ``torch.optim.AdamW`` does (0-ulp parity), while the
-subspace path back-projects ``numerator / denominator`` first.
+Each rule is a :class:`~subspace_optim.components.Component`: it owns its group keys, creates its
+state and turns a gradient into an update direction through a pure function over tensors (the
+``*_direction`` functions below, which take tensors and numbers only, as ``torch.compile``, grouped
+paths and DTensors need). The direction is returned as ``numerator / denominator / bias_correction``
+so that the dense path can apply it with one fused ``addcdiv_`` exactly as ``torch.optim.AdamW``
+does (0-ulp parity), while the subspace path back-projects ``numerator / denominator`` first.
 
-Rules (group key ``inner``), all with decoupled weight decay ``p <- (1 - lr * wd) p`` applied by the
-optimizer:
+Rules (group key ``inner``), all with decoupled weight decay applied by the optimizer:
 
-- ``adam``: torch's AdamW arithmetic; keys ``betas``, ``eps``.
-- ``lion``: Lion ("Symbolic Discovery of Optimization Algorithms", arXiv 2302.06675), keys ``betas``
-  = (beta1, beta2), Lion's paper default (0.9, 0.99). ``sign_after_backprojection``: in a subspace
-  the interpolation is back-projected first and the sign taken on the full matrix, as Online
-  Subspace Descent's GaLore-Lion code does (arXiv 2408.12857), so ``scale`` has no effect.
-- ``sgd``: SGD with heavy-ball momentum as ``torch.optim.SGD`` (dampening 0, no Nesterov), key
-  ``momentum`` in [0, 1) (default 0.9). A buffer is kept even with ``momentum=0`` so that the state
-  layout does not depend on a runtime value. Deviation from ``torch.optim.SGD``: weight decay is
-  decoupled, as for every rule here.
+- ``adam``: torch's AdamW arithmetic; keys ``betas``, ``eps`` and ``correct_bias`` (galore-torch's
+  flag: False drops both bias corrections).
+- ``lion``: Lion ("Symbolic Discovery of Optimization Algorithms", arXiv 2302.06675), ``betas`` =
+  (beta1, beta2), the paper's default (0.9, 0.99). ``sign_after_backprojection``: in a subspace the
+  interpolation is back-projected first and the sign taken on the full matrix, as Online Subspace
+  Descent's GaLore-Lion code does (arXiv 2408.12857), so ``scale`` has no effect.
+- ``sgd``: heavy-ball momentum as ``torch.optim.SGD`` (dampening 0, no Nesterov), key ``momentum``
+  in [0, 1) (default 0.9). A buffer is kept even with ``momentum=0`` so that the state layout does
+  not depend on a runtime value. Deviation from ``torch.optim.SGD``: weight decay is decoupled.
 
-Besides ``direction``, each rule tells the subspace machinery how to read its state:
+Besides the direction, each rule tells the subspace machinery how to read its state:
 ``first_moments`` / ``second_moments`` (rotated by transitions), ``momentum_estimate`` (the momentum
 in gradient units, used by LDAdam's power selector) and ``feedback_coefficient`` (the weight of the
 state-compression term of generalised error feedback, LDAdam's beta1 / (1 - beta1) for Adam).
@@ -30,134 +31,178 @@ from dataclasses import dataclass
 
 import torch
 
+from .checks import check_real
+from .components import Component, Registry
+
 
 @dataclass(frozen=True)
 class Direction:
-    """An update direction ``numerator / denominator / step_divisor`` (denominator None means 1).
+    """An update direction ``numerator / denominator / bias_correction`` (denominator None means 1).
 
-    ``step_divisor`` is Adam's first bias correction; it stays a separate scalar so that the update
-    can use torch's exact ``lr / bias_correction1``.
+    ``bias_correction`` is Adam's first bias correction; it stays a separate scalar (a float, or a
+    0-dim tensor under ``torch.compile``) so that the update can use torch's exact
+    ``lr / bias_correction1``.
     """
 
     numerator: torch.Tensor
     denominator: torch.Tensor | None
-    step_divisor: float
+    bias_correction: float | torch.Tensor
 
-    def dense(self) -> torch.Tensor:
-        """``numerator / denominator`` as one tensor (``step_divisor`` not applied)."""
+    def ratio(self) -> torch.Tensor:
+        """``numerator / denominator`` as one tensor (``bias_correction`` not applied)."""
         if self.denominator is None:
             return self.numerator
         return self.numerator / self.denominator
 
 
-class Adam:
-    """Adam moments (``exp_avg``, ``exp_avg_sq``), arithmetic identical to torch's for-loop AdamW.
+# ------------------------------------------------------------------------------- pure functions
+def adam_direction(grad, exp_avg, exp_avg_sq, beta1: float, beta2: float, eps: float, step,
+                   correct_bias: bool = True) -> Direction:
+    """Update ``exp_avg``, ``exp_avg_sq`` in place with ``grad`` and return Adam's direction.
 
-    Bias corrections use the parameter's own step counter ``step`` (1 on the first update).
+    ``step`` (1 on the first update) is a number or a 0-dim tensor; the arithmetic is torch's
+    single-tensor AdamW, so the dense path matches it bit for bit.
+    """
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    if not correct_bias:
+        return Direction(exp_avg, exp_avg_sq.sqrt().add_(eps), 1.0)
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
+    denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(eps)
+    return Direction(exp_avg, denom, bias_correction1)
+
+
+def lion_direction(grad, exp_avg, beta1: float, beta2: float) -> Direction:
+    """Lion's interpolation ``beta1 m + (1 - beta1) g`` (its sign is taken by the optimizer); then
+    ``m <- beta2 m + (1 - beta2) g`` in place."""
+    interpolation = exp_avg.mul(beta1).add_(grad, alpha=1 - beta1)
+    exp_avg.mul_(beta2).add_(grad, alpha=1 - beta2)
+    return Direction(interpolation, None, 1.0)
+
+
+def sgd_momentum_direction(grad, buffer, momentum: float) -> Direction:
+    """``b <- momentum * b + g`` in place; the direction is ``b``."""
+    buffer.mul_(momentum).add_(grad)
+    return Direction(buffer, None, 1.0)
+
+
+# ------------------------------------------------------------------------------------ the rules
+class InnerRule(Component):
+    """Base class of inner rules.
+
+    Attributes:
+        first_moments, second_moments: state keys holding first / second moments (transitions
+            rotate or reset them).
+        sign_after_backprojection: the update is the sign of the back-projected direction (Lion).
     """
 
-    name = "adam"
-    first_moments = ("exp_avg",)
-    second_moments = ("exp_avg_sq",)
+    first_moments: tuple[str, ...] = ()
+    second_moments: tuple[str, ...] = ()
     sign_after_backprojection = False
 
-    exact_state_keys: tuple[str, ...] = ()
+    @property
+    def state_keys(self) -> tuple[str, ...]:
+        return (*self.first_moments, *self.second_moments)
 
     def init_state(self, state: dict, template: torch.Tensor) -> None:
         """Zero moments shaped, typed and laid out like ``template``."""
-        state["exp_avg"] = torch.zeros_like(template, memory_format=torch.preserve_format)
-        state["exp_avg_sq"] = torch.zeros_like(template, memory_format=torch.preserve_format)
+        for key in self.state_keys:
+            state[key] = torch.zeros_like(template, memory_format=torch.preserve_format)
 
-    def direction(self, grad: torch.Tensor, state: dict, group: dict, step: float) -> Direction:
-        beta1, beta2 = group["betas"]
-        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-        exp_avg.lerp_(grad, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        bias_correction1 = 1 - beta1**step
-        bias_correction2 = 1 - beta2**step
-        denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(group["eps"])
-        return Direction(exp_avg, denom, bias_correction1)
-
+    def direction(self, grad: torch.Tensor, state: dict, group: dict, step) -> Direction:
+        raise NotImplementedError
 
     def momentum_estimate(self, state: dict, group: dict, steps_done: int) -> torch.Tensor | None:
-        """Bias-corrected first moment ``m / (1 - beta1^k)`` after ``k`` steps (None when k = 0)."""
-        if steps_done == 0:
-            return None
-        return state["exp_avg"].to(torch.float32) / (1 - group["betas"][0] ** steps_done)
+        """The first moment in gradient units after ``steps_done`` steps (None when 0), fp32."""
+        raise NotImplementedError
 
     def feedback_coefficient(self, group: dict) -> float:
+        raise NotImplementedError
+
+
+class Adam(InnerRule):
+    """Adam moments (``exp_avg``, ``exp_avg_sq``), arithmetic identical to torch's for-loop AdamW.
+    Bias corrections use the parameter's own inner step counter (1 on the first update)."""
+
+    name = "adam"
+    defaults = {"correct_bias": True}
+    first_moments = ("exp_avg",)
+    second_moments = ("exp_avg_sq",)
+
+    def validate(self, group: dict) -> None:
+        if not isinstance(group["correct_bias"], bool):
+            raise ValueError(f"correct_bias must be True or False, got {group['correct_bias']!r}")
+
+    def direction(self, grad, state, group, step) -> Direction:
+        beta1, beta2 = group["betas"]
+        return adam_direction(grad, state["exp_avg"], state["exp_avg_sq"], beta1, beta2, group["eps"],
+                              step, group["correct_bias"])
+
+    def momentum_estimate(self, state, group, steps_done):
+        """Bias-corrected first moment ``m / (1 - beta1^k)`` after ``k`` steps."""
+        if steps_done == 0:
+            return None
+        correction = 1 - group["betas"][0] ** steps_done if group["correct_bias"] else 1.0
+        return state["exp_avg"].to(torch.float32) / correction
+
+    def feedback_coefficient(self, group):
         # m_next = beta1 * m + (1 - beta1) * g: mass lost from m re-enters through g scaled this way.
         beta1 = group["betas"][0]
         return beta1 / (1 - beta1)
 
 
-class Lion:
+class Lion(InnerRule):
     """Lion: ``c = beta1 * m + (1 - beta1) * g``; update ``sign(c)``; then
-    ``m <- beta2 * m + (1 - beta2) * g``. The direction returned is ``c`` (no sign): the optimizer
-    takes the sign after back-projection (on the dense path back-projection is the identity)."""
+    ``m <- beta2 * m + (1 - beta2) * g``."""
 
     name = "lion"
     first_moments = ("exp_avg",)
-    second_moments = ()
     sign_after_backprojection = True
 
-    exact_state_keys: tuple[str, ...] = ()
-
-    def init_state(self, state: dict, template: torch.Tensor) -> None:
-        state["exp_avg"] = torch.zeros_like(template, memory_format=torch.preserve_format)
-
-    def direction(self, grad: torch.Tensor, state: dict, group: dict, step: float) -> Direction:
+    def direction(self, grad, state, group, step) -> Direction:
         beta1, beta2 = group["betas"]
-        exp_avg = state["exp_avg"]
-        interpolation = exp_avg.mul(beta1).add_(grad, alpha=1 - beta1)
-        exp_avg.mul_(beta2).add_(grad, alpha=1 - beta2)
-        return Direction(interpolation, None, 1.0)
+        return lion_direction(grad, state["exp_avg"], beta1, beta2)
 
-    def momentum_estimate(self, state: dict, group: dict, steps_done: int) -> torch.Tensor | None:
+    def momentum_estimate(self, state, group, steps_done):
         if steps_done == 0:
             return None
         return state["exp_avg"].to(torch.float32) / (1 - group["betas"][1] ** steps_done)
 
-    def feedback_coefficient(self, group: dict) -> float:
+    def feedback_coefficient(self, group):
         beta2 = group["betas"][1]
         return beta2 / (1 - beta2)
 
 
-class SGDMomentum:
-    """Heavy-ball SGD as ``torch.optim.SGD(momentum=mu)``: ``b <- mu * b + g``; direction ``b``."""
+class SGDMomentum(InnerRule):
+    """Heavy-ball SGD as ``torch.optim.SGD(momentum=mu)``: ``b <- mu * b + g``; direction ``b``.
+
+    Group key: ``momentum`` (float, 0.9, in [0, 1))."""
 
     name = "sgd"
+    defaults = {"momentum": 0.9}
     first_moments = ("momentum_buffer",)
-    second_moments = ()
-    sign_after_backprojection = False
 
-    exact_state_keys: tuple[str, ...] = ()
+    def validate(self, group: dict) -> None:
+        check_real("momentum", group["momentum"], 0.0, 1.0)
 
-    def init_state(self, state: dict, template: torch.Tensor) -> None:
-        state["momentum_buffer"] = torch.zeros_like(template, memory_format=torch.preserve_format)
+    def direction(self, grad, state, group, step) -> Direction:
+        return sgd_momentum_direction(grad, state["momentum_buffer"], group["momentum"])
 
-    def direction(self, grad: torch.Tensor, state: dict, group: dict, step: float) -> Direction:
-        buf = state["momentum_buffer"]
-        buf.mul_(group["momentum"]).add_(grad)
-        return Direction(buf, None, 1.0)
-
-    def momentum_estimate(self, state: dict, group: dict, steps_done: int) -> torch.Tensor | None:
+    def momentum_estimate(self, state, group, steps_done):
         """The buffer as a weighted mean of past gradients: ``b (1 - mu) / (1 - mu^k)``."""
         if steps_done == 0:
             return None
         mu = group["momentum"]
         return state["momentum_buffer"].to(torch.float32) * ((1 - mu) / (1 - mu**steps_done))
 
-    def feedback_coefficient(self, group: dict) -> float:
+    def feedback_coefficient(self, group):
         # b_next = mu * b + g: mass lost from b re-enters through g with weight mu.
         return float(group["momentum"])
 
 
-INNER_RULES: dict[str, object] = {rule.name: rule for rule in (Adam(), Lion(), SGDMomentum())}
+INNER_RULES: Registry[InnerRule] = Registry("inner", (Adam(), Lion(), SGDMomentum()))
 
 
-def get_inner(name: str):
-    try:
-        return INNER_RULES[name]
-    except KeyError:
-        raise ValueError(f"inner: unknown inner rule {name!r}; allowed: {sorted(INNER_RULES)}") from None
+def get_inner(name: str) -> InnerRule:
+    return INNER_RULES.lookup(name)

@@ -15,18 +15,35 @@ import torch
 from torch.optim import Optimizer
 
 from . import error_feedback
+from .error_feedback import FEEDBACK_STAGES
 from .exact_state import ExactStateMixin
-from .inner import get_inner
+from .functional import apply_update, back_project, left_form, project
+from .inner import INNER_RULES
 from .linalg import subspace_overlap
-from .selectors import SELECTORS, SelectionContext, get_selector
+from .selectors import SELECTORS, SelectionContext
 from .sides import projects_left
-from .transitions import TRANSITIONS, get_transition
+from .transitions import TRANSITIONS
 from .validation import side_from_proj_type, validate_group, validate_nonfinite
 
 GALORE_KEYS = ("rank", "update_proj_gap", "scale", "proj_type")
+# galore-torch's AdamW arguments that mean nothing here (its deprecation notice), accepted so that a
+# galore-torch call works unchanged
+IGNORED_GALORE_ARGS = ("no_deprecation_warning",)
 # State that torch's load_state_dict would cast to the parameter dtype (it spares only "step"):
 # kept at its saved dtype instead. Components add their own through ``exact_state_keys``.
 BASE_EXACT_STATE_KEYS = ("step", "projector")
+
+
+def component_defaults() -> dict:
+    """The group keys owned by the registered selectors, transitions and inner rules."""
+    return {**SELECTORS.defaults(), **TRANSITIONS.defaults(), **INNER_RULES.defaults()}
+
+
+def state_dtype(param: torch.Tensor) -> torch.dtype:
+    """The dtype of a projected parameter's inner state: the parameter's, except fp16, whose range
+    a projected gradient (a sum over a whole dimension) overflows: fp32 there, as amp keeps
+    fp16 models' optimizer state."""
+    return torch.float32 if param.dtype == torch.float16 else param.dtype
 
 
 def _scalar_dtype() -> torch.dtype:
@@ -51,8 +68,8 @@ class SubspaceOptimizer(ExactStateMixin, Optimizer):
        ``update_proj_gap`` (or every step, for ``every_step`` selectors), the selector picks a new
        fp32 basis ``P`` (k, r); the transition updates the inner state for the change of basis and
        the overlap ``||P_old^T P_new||_F^2 / r`` is recorded.
-    5. ``R = P^T G`` (r, l) in fp32, cast to the state dtype; the inner rule turns ``R`` into a
-       direction ``N``; the update ``U = scale * P N`` (Lion: ``sign(P N)``, no scale) is transposed
+    5. ``R = P^T G`` (r, l) in fp32, cast to the state dtype (the parameter's; fp32 for fp16
+       parameters); the inner rule turns ``R`` into a direction ``N``; the update ``U = scale * P N`` (Lion: ``sign(P N)``, no scale) is transposed
        back for right projections. With ``error_feedback``, ``G`` is ``G + xi`` from step 4 on and
        ``xi`` becomes what the projection and the transition lost (``error_feedback.py``).
     6. ``W <- (1 - lr * weight_decay) * W - lr * U``.
@@ -75,15 +92,10 @@ class SubspaceOptimizer(ExactStateMixin, Optimizer):
             ``online_pca`` (OSD) or ``power`` (LDAdam); the last two move every step.
         transition (str, "keep"): ``keep``, ``reset`` or ``rotate`` (LDAdam's projection-aware
             state transfer, for any selector).
-        inner (str, "adam"): ``adam``, ``lion`` (uses ``betas``) or ``sgd`` (uses ``momentum``);
-            see ``inner.py``.
+        inner (str, "adam"): ``adam``, ``lion`` (uses ``betas``) or ``sgd``; see ``inner.py``.
         seed (int, 0): seeds the counter-based generators of random selectors, >= 0.
-        momentum (float, 0.9): SGD momentum of ``inner="sgd"``, in [0, 1).
         error_feedback (bool, False): keep what the projection loses in an fp32 buffer in the state
             and add it to the next gradient (``error_feedback.py``).
-        rho (float, 0.908): momentum weight of the ``power`` selector, in [0, 1].
-        osd_variant (str, "paper"), osd_alpha (float, 5.0, > 0), osd_p_optimizer (str, "adam"),
-            osd_orthonormalize (bool, True): the ``online_pca`` selector (``selectors/online_pca.py``).
         svd_method (str, "svd"): how the ``dominant`` and ``importance`` selectors (and the first step
             of ``online_pca`` and ``power``) factorise the gradient: ``svd`` (LAPACK thin SVD, the
             reference) or ``gram`` (``eigh`` of the Gram matrix, 2-5x faster, see
@@ -91,6 +103,12 @@ class SubspaceOptimizer(ExactStateMixin, Optimizer):
         subspace (bool or None, None): default for groups that set neither ``subspace`` nor a GaLore
             key; None means dense, as in galore-torch.
         nonfinite (str, "error"): ``error`` or ``skip``.
+        **component_options: the options of the components, each documented and validated by its
+            component: ``momentum`` (``inner="sgd"``, 0.9), ``correct_bias`` (``inner="adam"``,
+            True), ``rho`` (``selector="power"``, 0.908), ``osd_variant``, ``osd_alpha``,
+            ``osd_p_optimizer``, ``osd_orthonormalize`` (``selector="online_pca"``); and those of any
+            component registered later. galore-torch's ``no_deprecation_warning`` is accepted and
+            ignored.
 
     Changing ``rank`` or ``side`` of a group mid-run raises ``ValueError`` at the next step of an
     affected parameter; ``lr``, ``betas``, ``eps``, ``weight_decay``, ``scale`` and
@@ -115,27 +133,31 @@ class SubspaceOptimizer(ExactStateMixin, Optimizer):
         seed: int = 0,
         subspace: bool | None = None,
         nonfinite: str = "error",
-        momentum: float = 0.9,
         error_feedback: bool = False,
-        rho: float = 0.908,
-        osd_variant: str = "paper",
-        osd_alpha: float = 5.0,
-        osd_p_optimizer: str = "adam",
-        osd_orthonormalize: bool = True,
         svd_method: str = "svd",
+        **component_options,
     ):
         validate_nonfinite(nonfinite)
+        owned = component_defaults()
+        unknown = sorted(set(component_options) - set(owned) - set(IGNORED_GALORE_ARGS))
+        if unknown:
+            raise TypeError(f"{type(self).__name__} got unexpected keyword arguments {unknown}; the "
+                            f"components' options are {sorted(owned)}")
         self.nonfinite = nonfinite
         self._default_subspace = subspace
+        self._warned_full_rank = False
+        options = {k: v for k, v in component_options.items() if k in owned}
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank,
             update_proj_gap=update_proj_gap, scale=scale, side=side, selector=selector,
-            transition=transition, inner=inner, seed=seed, skipped_steps=0, momentum=momentum,
-            error_feedback=error_feedback, rho=rho, osd_variant=osd_variant, osd_alpha=osd_alpha,
-            osd_p_optimizer=osd_p_optimizer, osd_orthonormalize=osd_orthonormalize, svd_method=svd_method,
+            transition=transition, inner=inner, seed=seed, skipped_steps=0,
+            error_feedback=error_feedback, svd_method=svd_method, **{**owned, **options},
             differentiable=False,  # torch.optim adds it on load; present from the start keeps state_dicts equal
         )
         super().__init__(params, defaults)
+        self._constructed = True
+        for group in self.param_groups:
+            self._warn_full_rank(group)
         if not any(g["subspace"] for g in self.param_groups):
             warnings.warn(
                 f"{type(self).__name__}: no parameter group is projected, so this is plain AdamW; "
@@ -154,6 +176,8 @@ class SubspaceOptimizer(ExactStateMixin, Optimizer):
         if "subspace" not in group:
             explicit = any(key in group for key in GALORE_KEYS)
             group["subspace"] = explicit or bool(getattr(self, "_default_subspace", None))
+        for key in IGNORED_GALORE_ARGS:
+            group.pop(key, None)
         super().add_param_group(group)
         added = self.param_groups[-1]
         try:
@@ -170,14 +194,43 @@ class SubspaceOptimizer(ExactStateMixin, Optimizer):
         except ValueError:
             self.param_groups.pop()
             raise
+        if getattr(self, "_constructed", False):  # during construction __init__ warns, pointing at its caller
+            self._warn_full_rank(added)
+
+    def _warn_full_rank(self, group: dict) -> None:
+        """Once per optimizer: a rank at or above a weight's projected dimension makes its subspace
+        the whole space, i.e. plain AdamW at ``scale`` times the learning rate, which is rarely meant."""
+        if not group["subspace"] or self._warned_full_rank:
+            return
+        full = [tuple(p.shape) for p in group["params"] if p.dim() == 2 and p.numel() > 0
+                and group["rank"] >= self._layout(group, p)[2]]
+        if full:
+            self._warned_full_rank = True
+            warnings.warn(
+                f"{type(self).__name__}: rank {group['rank']} is at or above the projected dimension of "
+                f"{len(full)} weight(s) (e.g. shape {full[0]}), which therefore train full-rank (the "
+                "subspace is the whole space); lower the rank to compress them",
+                stacklevel=3,  # the caller of __init__ / add_param_group
+            )
+
+    @staticmethod
+    def _layout(group: dict, p: torch.Tensor) -> tuple[bool, int, int]:
+        """``(left, rank, k)``: the projected side by the side rule, the rank clipped to the projected
+        dimension ``k``."""
+        m, n = p.shape
+        left = projects_left(group["side"], m, n)
+        k = m if left else n
+        return left, min(group["rank"], k), k
 
     def __getstate__(self) -> dict:
         # torch's pickles only defaults, state and param_groups; keep the per-optimizer settings too.
-        return {**super().__getstate__(), "nonfinite": self.nonfinite, "_default_subspace": self._default_subspace}
+        return {**super().__getstate__(), "nonfinite": self.nonfinite, "_default_subspace": self._default_subspace,
+                "_warned_full_rank": self._warned_full_rank}
 
     def __setstate__(self, state: dict) -> None:
         state.setdefault("nonfinite", "error")
         state.setdefault("_default_subspace", None)
+        state.setdefault("_warned_full_rank", False)
         super().__setstate__(state)
         for group in self.param_groups:  # dicts saved by older versions lack newer keys
             group.setdefault("subspace", False)
@@ -187,10 +240,8 @@ class SubspaceOptimizer(ExactStateMixin, Optimizer):
     def _exact_state_keys(self) -> set[str]:
         """``step``, fp32 projectors, error buffers and the components' own fp32/integer state."""
         keys = set(BASE_EXACT_STATE_KEYS) | set(error_feedback.EXACT_STATE_KEYS)
-        for component in (*SELECTORS.values(), *TRANSITIONS.values()):
-            keys.update(component.exact_state_keys)
-        for group in self.param_groups:
-            keys.update(get_inner(group["inner"]).exact_state_keys)
+        for registry in (SELECTORS, TRANSITIONS, INNER_RULES):
+            keys |= registry.exact_state_keys()
         return keys
 
     @property
@@ -205,6 +256,33 @@ class SubspaceOptimizer(ExactStateMixin, Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        work = self._collect_work()
+        bad = self._first_nonfinite(work)
+        if bad is not None:
+            key, p = bad
+            if self.nonfinite == "error":
+                step = int(self.state[p]["step"]) + 1 if "step" in self.state.get(p, {}) else 1
+                raise RuntimeError(
+                    f"{type(self).__name__}: non-finite gradient in parameter {key} at its step {step}; "
+                    "nothing was updated (nonfinite='skip' skips such steps instead)"
+                )
+            for group in self.param_groups:
+                group["skipped_steps"] += 1
+            return loss
+        for group, key, p in work:
+            if self._is_projected(group, p):
+                self._subspace_update(group, key, p)
+            else:
+                self._dense_update(group, p)
+        return loss
+
+    @staticmethod
+    def _is_projected(group: dict, p: torch.Tensor) -> bool:
+        return group["subspace"] and p.dim() == 2 and p.numel() > 0
+
+    def _collect_work(self) -> list[tuple[dict, str, torch.Tensor]]:
+        """``(group, key, param)`` for every parameter with a gradient, after the checks that must
+        pass before anything is modified (so a failing step changes nothing)."""
         work = []
         for gi, group in enumerate(self.param_groups):
             names = group.get("param_names")
@@ -216,25 +294,16 @@ class SubspaceOptimizer(ExactStateMixin, Optimizer):
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients ({key})")
                 if torch.is_complex(p) or torch.is_complex(p.grad):
                     raise RuntimeError(f"{type(self).__name__} does not support complex parameters ({key})")
+                state = self.state.get(p)
+                if state and self._is_projected(group, p):
+                    left, rank, _ = self._layout(group, p)
+                    if state["project_left"] != left or state["projector"].shape[1] != rank:
+                        raise ValueError(
+                            f"rank/side: parameter {key} was set up with a rank-{state['projector'].shape[1]} "
+                            f"{'left' if state['project_left'] else 'right'} projection; these cannot "
+                            "change mid-run")
                 work.append((group, key, p))
-        bad = self._first_nonfinite(work)
-        if bad is not None:
-            key, p = bad
-            if self.nonfinite == "error":
-                step = int(self.state[p]["step"]) + 1 if "step" in self.state[p] else 1
-                raise RuntimeError(
-                    f"{type(self).__name__}: non-finite gradient in parameter {key} at its step {step}; "
-                    "nothing was updated (nonfinite='skip' skips such steps instead)"
-                )
-            for group in self.param_groups:
-                group["skipped_steps"] += 1
-            return loss
-        for group, key, p in work:
-            if group["subspace"] and p.dim() == 2 and p.numel() > 0:
-                self._subspace_update(group, key, p)
-            else:
-                self._dense_update(group, p)
-        return loss
+        return work
 
     @staticmethod
     def _first_nonfinite(work):
@@ -255,79 +324,69 @@ class SubspaceOptimizer(ExactStateMixin, Optimizer):
         return None
 
     def _dense_update(self, group: dict, p: torch.Tensor) -> None:
-        inner = get_inner(group["inner"])
+        inner = INNER_RULES.lookup(group["inner"])
         state = self.state[p]
         if not state:
             state["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
             inner.init_state(state, p)
         state["step"] += 1
-        step = state["step"].item()
-        lr, wd = group["lr"], group["weight_decay"]
-        if wd != 0:
-            p.mul_(1 - lr * wd)
-        d = inner.direction(p.grad, state, group, step)
-        if d.denominator is None:
-            # Lion: back-projection is the identity here, so its sign is taken directly
-            numerator = d.numerator.sign() if inner.sign_after_backprojection else d.numerator
-            p.add_(numerator, alpha=-(lr / d.step_divisor))
-        else:
-            p.addcdiv_(d.numerator, d.denominator, value=-(lr / d.step_divisor))
+        d = inner.direction(p.grad, state, group, state["step"].item())
+        # back-projection is the identity here, so Lion's sign is taken on the direction itself
+        numerator = d.numerator.sign() if inner.sign_after_backprojection else d.numerator
+        apply_update(p, numerator, d.denominator, group["lr"] / d.bias_correction, group["lr"],
+                     group["weight_decay"])
 
     def _subspace_update(self, group: dict, key: str, p: torch.Tensor) -> None:
-        inner = get_inner(group["inner"])
-        selector = get_selector(group["selector"])
+        fresh = p not in self.state
+        try:
+            self._projected_step(group, key, p)
+        except BaseException:
+            if fresh:  # a failed first step leaves no half-made state behind
+                self.state.pop(p, None)
+            raise
+
+    def _projected_step(self, group: dict, key: str, p: torch.Tensor) -> None:
+        inner = INNER_RULES.lookup(group["inner"])
+        feedback = FEEDBACK_STAGES[group["error_feedback"]]
+        left, rank, _ = self._layout(group, p)
         state = self.state[p]
-        m, n = p.shape
-        left = projects_left(group["side"], m, n)
-        grad = p.grad if left else p.grad.T  # (k, l)
-        k = grad.shape[0]
-        rank = min(group["rank"], k)
         if not state:
-            state["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
-            state["inner_step"] = 0
-            state["refresh_count"] = 0
-            state["project_left"] = left
-        elif state["project_left"] != left or state["projector"].shape[1] != rank:
-            raise ValueError(
-                f"rank/side: parameter {key} was set up with a rank-{state['projector'].shape[1]} "
-                f"{'left' if state['project_left'] else 'right'} projection; these cannot change mid-run"
-            )
-        previous = state.get("projector")
-        steps_done = int(state["step"])
-        feedback = group["error_feedback"]
-        # a = G + xi with error feedback (fp32 buffer in the state), else G; (k, l) fp32
-        grad32 = error_feedback.corrected_gradient(state, grad, left) if feedback else grad.to(torch.float32)
-        lost = None
-        if previous is None or selector.every_step or steps_done % group["update_proj_gap"] == 0:
-            ctx = SelectionContext(state, group, key, state["refresh_count"])
-            basis = selector.select(grad32, previous, rank, ctx)
-            if previous is None:
-                inner.init_state(state, torch.empty((rank, grad.shape[1]), dtype=p.dtype, device=p.device))
-            else:
-                state["overlap"] = subspace_overlap(previous, basis)
-                before = error_feedback.momentum_mass(state, inner, previous) if feedback else None
-                get_transition(group["transition"]).apply(state, inner, previous, basis, group)
-                if before is not None and not torch.equal(previous, basis):
-                    lost = before - error_feedback.momentum_mass(state, inner, basis)
-            state["projector"] = basis
-            state["refresh_count"] += 1
+            state.update(step=torch.tensor(0.0, dtype=_scalar_dtype()), inner_step=0, refresh_count=0,
+                         project_left=left)
+        grad = feedback.corrected_gradient(state, left_form(p.grad, left), left)  # (k, l) fp32
+        lost = self._refresh_if_due(group, key, p, state, grad, rank, inner, feedback)
         basis = state["projector"]  # (k, r) fp32, orthonormal columns
         state["step"] += 1
         state["inner_step"] += 1
-        reduced = (basis.T @ grad32).to(p.dtype)  # (r, l)
-        if feedback:
-            error_feedback.store(state, grad32, basis, reduced, lost, inner.feedback_coefficient(group), left)
+        reduced = project(basis, grad).to(state_dtype(p))  # (r, l)
+        feedback.store(state, grad, basis, reduced, lost, inner.feedback_coefficient(group), left)
         d = inner.direction(reduced, state, group, state["inner_step"])
-        direction = d.dense().to(torch.float32)  # (r, l)
-        # back in the weight's own layout: (k, l) for a left projection, (l, k) = (P N)^T for a
-        # right one, computed as N^T P^T so that the update is contiguous like the weight
-        update = basis @ direction if left else direction.T @ basis.T
-        alpha = group["lr"] / d.step_divisor
+        update = back_project(basis, d.ratio().to(torch.float32), left)
+        step_size = group["lr"] / d.bias_correction
         if inner.sign_after_backprojection:
             update = update.sign()  # Lion: the sign makes the scale irrelevant
         else:
-            alpha = alpha * group["scale"]
-        lr, wd = group["lr"], group["weight_decay"]
-        if wd != 0:
-            p.mul_(1 - lr * wd)
-        p.add_(update.to(p.dtype), alpha=-alpha)
+            step_size = step_size * group["scale"]
+        apply_update(p, update.to(p.dtype), None, step_size, group["lr"], group["weight_decay"])
+
+    def _refresh_if_due(self, group, key, p, state, grad, rank, inner, feedback):
+        """Select a new basis when due and move the inner state to it; returns the momentum mass the
+        change of basis lost (for error feedback), else None."""
+        selector = SELECTORS.lookup(group["selector"])
+        previous = state.get("projector")
+        due = previous is None or selector.every_step or int(state["step"]) % group["update_proj_gap"] == 0
+        if not due:
+            return None
+        ctx = SelectionContext(state, group, key, state["refresh_count"], inner)
+        basis = selector.select(grad, previous, rank, ctx)
+        lost = None
+        if previous is None:
+            inner.init_state(state, torch.empty((rank, grad.shape[1]), dtype=state_dtype(p), device=p.device))
+        else:
+            state["overlap"] = subspace_overlap(previous, basis)
+            before = feedback.momentum_mass(state, inner, previous)
+            TRANSITIONS.lookup(group["transition"]).apply(state, inner, previous, basis, group)
+            lost = feedback.lost_momentum(before, state, inner, previous, basis)
+        state["projector"] = basis
+        state["refresh_count"] += 1
+        return lost

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import torch
 
+from .components import Component, Registry
 
-class Transition:
-    name = "base"
-    exact_state_keys: tuple[str, ...] = ()
+
+class Transition(Component):
+    """Base class: ``apply`` updates the inner state in place for a change of basis."""
 
     def apply(self, state: dict, inner, old: torch.Tensor, new: torch.Tensor, group: dict) -> None:
         """Update ``state`` in place for the change of basis ``old`` (k, r) -> ``new`` (k, r)."""
@@ -34,7 +35,7 @@ class Reset(Transition):
     name = "reset"
 
     def apply(self, state, inner, old, new, group) -> None:
-        for key in (*inner.first_moments, *inner.second_moments):
+        for key in inner.state_keys:
             state[key].zero_()
         state["inner_step"] = 0
 
@@ -74,11 +75,8 @@ class Rotate(Transition):
             state[key].copy_(m_new)
 
 
-TRANSITIONS: dict[str, Transition] = {t.name: t for t in (Keep(), Reset(), Rotate())}
+TRANSITIONS: Registry[Transition] = Registry("transition", (Keep(), Reset(), Rotate()))
 
 
 def get_transition(name: str) -> Transition:
-    try:
-        return TRANSITIONS[name]
-    except KeyError:
-        raise ValueError(f"transition: unknown transition {name!r}; allowed: {sorted(TRANSITIONS)}") from None
+    return TRANSITIONS.lookup(name)

@@ -1,21 +1,15 @@
 """Param-group checks of ``SubspaceOptimizer``: every bad value raises ``ValueError`` naming the
-argument and its range (the checks themselves are in ``checks.py``, shared with zeroth_order)."""
+argument and its range. The optimizer checks its own keys here; each component (selector,
+transition, inner rule) checks the keys it owns (``components.py``)."""
 
 from __future__ import annotations
 
-from .checks import check_choice, check_int, check_real
+from .checks import NONFINITE_POLICIES, check_bool, check_choice, check_int, check_real
 from .inner import INNER_RULES
 from .linalg import SVD_METHODS
-from .selectors import OSD_VARIANTS, P_OPTIMIZERS, SELECTORS
+from .selectors import SELECTORS
 from .sides import PROJ_TYPE_TO_SIDE, SIDES
 from .transitions import TRANSITIONS
-
-NONFINITE_POLICIES = ("error", "skip")
-
-
-def _boolean(name: str, value) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be True or False, got {value!r}")
 
 
 def validate_group(group: dict) -> None:
@@ -28,9 +22,9 @@ def validate_group(group: dict) -> None:
     for i, beta in enumerate(betas):
         check_real(f"betas[{i}]", beta, 0.0, 1.0)
     check_real("weight_decay", group["weight_decay"], 0.0)
-    _boolean("subspace", group["subspace"])
+    check_bool("subspace", group["subspace"])
     check_choice("inner", group["inner"], sorted(INNER_RULES))
-    check_real("momentum", group["momentum"], 0.0, 1.0)
+    INNER_RULES.validate(group)
     if not group["subspace"]:
         return
     check_int("rank", group["rank"], 1)
@@ -41,12 +35,9 @@ def validate_group(group: dict) -> None:
     check_choice("transition", group["transition"], sorted(TRANSITIONS))
     check_choice("svd_method", group["svd_method"], sorted(SVD_METHODS))
     check_int("seed", group["seed"], 0)
-    _boolean("error_feedback", group["error_feedback"])
-    check_real("rho", group["rho"], 0.0, 1.0, high_open=False)
-    check_choice("osd_variant", group["osd_variant"], OSD_VARIANTS)
-    check_real("osd_alpha", group["osd_alpha"], 0.0, low_open=True)
-    check_choice("osd_p_optimizer", group["osd_p_optimizer"], P_OPTIMIZERS)
-    _boolean("osd_orthonormalize", group["osd_orthonormalize"])
+    check_bool("error_feedback", group["error_feedback"])
+    SELECTORS.validate(group)
+    TRANSITIONS.validate(group)
 
 
 def side_from_proj_type(proj_type) -> str:

@@ -1,5 +1,6 @@
 """Subspace selectors, by name. Add one by subclassing :class:`Selector` and registering it here."""
 
+from ..components import Registry
 from .base import SelectionContext, Selector
 from .dominant import DominantSelector
 from .importance import ImportanceSelector, sample_without_replacement
@@ -7,20 +8,14 @@ from .online_pca import OSD_VARIANTS, P_OPTIMIZERS, OnlinePCASelector
 from .power import PowerSelector
 from .random import CoordinateSelector, RandomSelector
 
-SELECTORS: dict[str, Selector] = {
-    s.name: s
-    for s in (
-        DominantSelector(), ImportanceSelector(), RandomSelector(), CoordinateSelector(),
-        OnlinePCASelector(), PowerSelector(),
-    )
-}
+SELECTORS: Registry[Selector] = Registry("selector", (
+    DominantSelector(), ImportanceSelector(), RandomSelector(), CoordinateSelector(),
+    OnlinePCASelector(), PowerSelector(),
+))
 
 
 def get_selector(name: str) -> Selector:
-    try:
-        return SELECTORS[name]
-    except KeyError:
-        raise ValueError(f"selector: unknown selector {name!r}; allowed: {sorted(SELECTORS)}") from None
+    return SELECTORS.lookup(name)
 
 
 __all__ = ["SELECTORS", "SelectionContext", "Selector", "get_selector", "sample_without_replacement"]

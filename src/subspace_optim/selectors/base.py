@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..components import Component
+from ..linalg import SVD_METHODS
 from ..rng import generator_for
 
 
@@ -28,18 +30,25 @@ class SelectionContext:
     group: dict
     key: str
     refresh_index: int
+    inner: object = None  # the group's inner rule (``inner.InnerRule``), for selectors that read it
 
     def generator(self, device: torch.device | str) -> torch.Generator:
         return generator_for(self.group["seed"], self.key, self.refresh_index, device)
 
+    def factorize(self, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``U`` (k, min(k, l)) and ``S`` of ``grad`` by the group's ``svd_method``, in fp32; None
+        for an all-zero (or empty) gradient, which carries no direction to choose from."""
+        u, s = SVD_METHODS[self.group.get("svd_method", "svd")](grad)
+        if s.numel() == 0 or s[0] == 0:
+            return None
+        return u, s
 
-class Selector:
+
+class Selector(Component):
     """Base class. ``every_step`` selectors are called at every step, the others every
     ``update_proj_gap`` steps (and at a parameter's first step)."""
 
-    name = "base"
     every_step = False
-    exact_state_keys: tuple[str, ...] = ()
 
     def select(
         self, grad: torch.Tensor, previous: torch.Tensor | None, rank: int, ctx: SelectionContext
@@ -56,6 +65,16 @@ def numerically_nonzero(singular_values: torch.Tensor, shape: tuple[int, int]) -
         return singular_values.bool()
     tol = singular_values[0] * max(shape) * torch.finfo(torch.float32).eps
     return singular_values > tol
+
+
+def dominant_basis(grad: torch.Tensor, previous: torch.Tensor | None, rank: int,
+                   ctx: SelectionContext) -> torch.Tensor:
+    """The top-``rank`` left singular vectors of ``grad`` (k, r), or :func:`zero_gradient_basis`
+    for an all-zero gradient: GaLore's subspace, and the first basis of the every-step selectors."""
+    factors = ctx.factorize(grad)
+    if factors is None:
+        return zero_gradient_basis(previous, grad.shape[0], rank, grad.device)
+    return factors[0][:, :rank].contiguous()  # (k, r), orthonormal columns
 
 
 def zero_gradient_basis(previous: torch.Tensor | None, rows: int, rank: int, device) -> torch.Tensor:

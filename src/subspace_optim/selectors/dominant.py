@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ..linalg import SVD_METHODS
-from .base import SelectionContext, Selector, zero_gradient_basis
+from .base import SelectionContext, Selector, dominant_basis
 
 
 class DominantSelector(Selector):
@@ -17,7 +16,4 @@ class DominantSelector(Selector):
     name = "dominant"
 
     def select(self, grad, previous, rank, ctx: SelectionContext) -> torch.Tensor:
-        u, s = SVD_METHODS[ctx.group.get("svd_method", "svd")](grad)
-        if s.numel() == 0 or s[0] == 0:
-            return zero_gradient_basis(previous, grad.shape[0], rank, grad.device)
-        return u[:, :rank].contiguous()  # (k, r), orthonormal columns
+        return dominant_basis(grad, previous, rank, ctx)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import torch
 
-from ..linalg import SVD_METHODS
 from .base import SelectionContext, Selector, numerically_nonzero, zero_gradient_basis
 
 
@@ -54,9 +53,10 @@ class ImportanceSelector(Selector):
     name = "importance"
 
     def select(self, grad, previous, rank, ctx: SelectionContext) -> torch.Tensor:
-        u, s = SVD_METHODS[ctx.group.get("svd_method", "svd")](grad)
-        if s.numel() == 0 or s[0] == 0:
+        factors = ctx.factorize(grad)
+        if factors is None:
             return zero_gradient_basis(previous, grad.shape[0], rank, grad.device)
+        u, s = factors
         nonzero = numerically_nonzero(s, tuple(grad.shape))
         if int(nonzero.sum()) <= rank:
             return u[:, :rank].contiguous()

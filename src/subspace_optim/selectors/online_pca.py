@@ -35,8 +35,9 @@ from __future__ import annotations
 
 import torch
 
-from ..linalg import SVD_METHODS, orthonormalize
-from .base import SelectionContext, Selector, zero_gradient_basis
+from ..checks import check_choice, check_real
+from ..linalg import orthonormalize
+from .base import SelectionContext, Selector, dominant_basis
 
 OSD_VARIANTS = ("paper", "code")
 P_OPTIMIZERS = ("adam", "sgd")
@@ -93,15 +94,20 @@ class OnlinePCASelector(Selector):
     name = "online_pca"
     every_step = True
     exact_state_keys = ("osd_exp_avg", "osd_exp_avg_sq", "osd_grad")
+    defaults = {"osd_variant": "paper", "osd_alpha": 5.0, "osd_p_optimizer": "adam", "osd_orthonormalize": True}
+
+    def validate(self, group: dict) -> None:
+        check_choice("osd_variant", group["osd_variant"], OSD_VARIANTS)
+        check_real("osd_alpha", group["osd_alpha"], 0.0, low_open=True)
+        check_choice("osd_p_optimizer", group["osd_p_optimizer"], P_OPTIMIZERS)
+        if not isinstance(group["osd_orthonormalize"], bool):
+            raise ValueError(f"osd_orthonormalize must be True or False, got {group['osd_orthonormalize']!r}")
 
     def select(self, grad, previous, rank, ctx: SelectionContext) -> torch.Tensor:
         state, group = ctx.state, ctx.group
         variant, p_opt = group["osd_variant"], group["osd_p_optimizer"]
         if previous is None:
-            u, s = SVD_METHODS[ctx.group.get("svd_method", "svd")](grad)
-            zero = s.numel() == 0 or s[0] == 0
-            basis = zero_gradient_basis(None, grad.shape[0], rank, grad.device) if zero else u[:, :rank]
-            basis = basis.contiguous()  # (k, r), orthonormal columns
+            basis = dominant_basis(grad, None, rank, ctx)
         else:
             basis = self._apply_pending(previous, state, p_opt, group["osd_orthonormalize"])
         if "osd_step" not in state or _kind(state) != p_opt:

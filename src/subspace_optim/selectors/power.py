@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from ..inner import get_inner
-from ..linalg import SVD_METHODS, orthonormalize
-from .base import SelectionContext, Selector, zero_gradient_basis
+from ..checks import check_real
+from ..linalg import orthonormalize
+from .base import SelectionContext, Selector, dominant_basis
 
 
 class PowerSelector(Selector):
@@ -34,15 +34,16 @@ class PowerSelector(Selector):
 
     name = "power"
     every_step = True
+    defaults = {"rho": 0.908}
+
+    def validate(self, group: dict) -> None:
+        check_real("rho", group["rho"], 0.0, 1.0, high_open=False)
 
     def select(self, grad, previous, rank, ctx: SelectionContext) -> torch.Tensor:
         if previous is None:
-            u, s = SVD_METHODS[ctx.group.get("svd_method", "svd")](grad)
-            if s.numel() == 0 or s[0] == 0:
-                return zero_gradient_basis(previous, grad.shape[0], rank, grad.device)
-            return u[:, :rank].contiguous()  # (k, r), orthonormal columns
+            return dominant_basis(grad, previous, rank, ctx)
         group = ctx.group
-        momentum = get_inner(group["inner"]).momentum_estimate(ctx.state, group, ctx.state["inner_step"])
+        momentum = ctx.inner.momentum_estimate(ctx.state, group, ctx.state["inner_step"])
         b = grad
         if momentum is not None:
             rho = group["rho"]

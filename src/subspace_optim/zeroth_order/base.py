@@ -21,10 +21,9 @@ import torch
 from torch.optim import Optimizer
 
 from ..exact_state import ExactStateMixin
-from ..checks import check_choice, check_int, check_real
+from ..checks import NONFINITE_POLICIES, check_bool, check_choice, check_int, check_real
 
 ESTIMATORS = ("two-sided", "one-sided")
-NONFINITE_POLICIES = ("error", "skip")
 
 
 class ZerothOrderOptimizer(ExactStateMixin, Optimizer):
@@ -66,12 +65,8 @@ class ZerothOrderOptimizer(ExactStateMixin, Optimizer):
                  nonfinite: str = "error", exact_restore: bool = False, all_reduce: bool = False):
         self.estimator = check_choice("estimator", estimator, ESTIMATORS)
         self.nonfinite = check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
-        if not isinstance(exact_restore, bool):
-            raise ValueError(f"exact_restore must be True or False, got {exact_restore!r}")
-        if not isinstance(all_reduce, bool):
-            raise ValueError(f"all_reduce must be True or False, got {all_reduce!r}")
-        self.exact_restore = exact_restore
-        self.all_reduce = all_reduce
+        self.exact_restore = check_bool("exact_restore", exact_restore)
+        self.all_reduce = check_bool("all_reduce", all_reduce)
         super().__init__(params, dict(defaults, step=0))
 
     # ----------------------------------------------------------------- validation and bookkeeping

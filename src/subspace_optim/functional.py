@@ -1,0 +1,47 @@
+"""The arithmetic of one projected step, as pure functions over tensors and numbers.
+
+The optimizer (``optimizer.py``) does the bookkeeping (state set-up, the side rule, when to refresh)
+and calls these, as ``torch.optim.Adam`` calls its free ``adam()`` function. They take tensors and
+numbers only (no dicts, no ``.item()``): that is what ``torch.compile``, the grouped path and
+DTensors need. A weight W (m, n) is handled in *left form* G (k, l): G itself for a left projection,
+G^T for a right one, so that every basis is (k, r) with orthonormal columns.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def left_form(matrix: torch.Tensor, left: bool) -> torch.Tensor:
+    """``matrix`` (m, n) as (k, l): itself for a left projection, its transpose (a view) otherwise."""
+    return matrix if left else matrix.T
+
+
+def project(basis: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """``R = P^T G``: (k, r) x (k, l) -> (r, l)."""
+    return basis.T @ grad
+
+
+def back_project(basis: torch.Tensor, direction: torch.Tensor, left: bool) -> torch.Tensor:
+    """``P N`` in the weight's own layout: (k, l) for a left projection, (l, k) = (P N)^T for a right
+    one, computed as ``N^T P^T`` so that the update is contiguous like the weight."""
+    return basis @ direction if left else direction.T @ basis.T
+
+
+def apply_update(param: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor | None,
+                 step_size, lr: float, weight_decay: float) -> None:
+    """``W <- (1 - lr * wd) W - step_size * numerator / denominator``, in place.
+
+    Decoupled weight decay first, as ``torch.optim.AdamW``; with a float ``step_size`` the update is
+    one fused ``addcdiv_`` / ``add_`` (torch's exact arithmetic). Under ``torch.compile`` the bias
+    correction, hence ``step_size``, may be a 0-dim tensor, which those fused ops do not take.
+    """
+    if weight_decay != 0:
+        param.mul_(1 - lr * weight_decay)
+    if isinstance(step_size, torch.Tensor):
+        ratio = numerator if denominator is None else numerator / denominator
+        param.sub_(ratio * step_size.to(ratio.dtype))
+    elif denominator is None:
+        param.add_(numerator, alpha=-step_size)
+    else:
+        param.addcdiv_(numerator, denominator, value=-step_size)
