@@ -65,7 +65,8 @@ class SubspaceOptimizer(ExactStateMixin, Optimizer):
        (``sides.py``); rank ``r = min(rank, k)`` (a larger rank is clipped, making the projection
        the whole space).
     4. At its first step and whenever its step count (before this step) is a multiple of
-       ``update_proj_gap`` (or every step, for ``every_step`` selectors), the selector picks a new
+       ``update_proj_gap`` (or every step, for ``every_step`` selectors; with ``stagger_refresh``,
+       when its step count minus its phase is), the selector picks a new
        fp32 basis ``P`` (k, r); the transition updates the inner state for the change of basis and
        the overlap ``||P_old^T P_new||_F^2 / r`` is recorded.
     5. ``R = P^T G`` (r, l) in fp32, cast to the state dtype (the parameter's; fp32 for fp16
@@ -85,6 +86,10 @@ class SubspaceOptimizer(ExactStateMixin, Optimizer):
         weight_decay (float, 0.0): decoupled weight decay, >= 0.
         rank (int, 128): subspace rank, >= 1; clipped to the projected dimension.
         update_proj_gap (int, 200): steps between refreshes, >= 1.
+        stagger_refresh (bool, False): give the i-th of a group's n projected weights the phase
+            ``i * update_proj_gap // n``, so that refreshes (and the full gradients they need) are spread
+            evenly over the gap instead of all falling on one step. Off in the presets: the papers
+            refresh every weight together.
         scale (float, 1.0): multiplier of the projected update, > 0 (GaLore's alpha).
         side (str, "galore"): one of ``sides.SIDES``; galore-torch's ``proj_type`` key is accepted
             in groups (``std``, ``reverse_std``, ``left``, ``right``).
@@ -135,6 +140,7 @@ class SubspaceOptimizer(ExactStateMixin, Optimizer):
         nonfinite: str = "error",
         error_feedback: bool = False,
         svd_method: str = "svd",
+        stagger_refresh: bool = False,
         **component_options,
     ):
         validate_nonfinite(nonfinite)
@@ -151,7 +157,8 @@ class SubspaceOptimizer(ExactStateMixin, Optimizer):
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank,
             update_proj_gap=update_proj_gap, scale=scale, side=side, selector=selector,
             transition=transition, inner=inner, seed=seed, skipped_steps=0,
-            error_feedback=error_feedback, svd_method=svd_method, **{**owned, **options},
+            error_feedback=error_feedback, svd_method=svd_method, stagger_refresh=stagger_refresh,
+            **{**owned, **options},
             differentiable=False,  # torch.optim adds it on load; present from the start keeps state_dicts equal
         )
         super().__init__(params, defaults)
@@ -352,7 +359,7 @@ class SubspaceOptimizer(ExactStateMixin, Optimizer):
         state = self.state[p]
         if not state:
             state.update(step=torch.tensor(0.0, dtype=_scalar_dtype()), inner_step=0, refresh_count=0,
-                         project_left=left)
+                         project_left=left, refresh_phase=self._refresh_phase(group, p))
         grad = feedback.corrected_gradient(state, left_form(p.grad, left), left)  # (k, l) fp32
         lost = self._refresh_if_due(group, key, p, state, grad, rank, inner, feedback)
         basis = state["projector"]  # (k, r) fp32, orthonormal columns
@@ -369,12 +376,21 @@ class SubspaceOptimizer(ExactStateMixin, Optimizer):
             step_size = step_size * group["scale"]
         apply_update(p, update.to(p.dtype), None, step_size, group["lr"], group["weight_decay"])
 
+    def _refresh_phase(self, group: dict, p: torch.Tensor) -> int:
+        """0, or with ``stagger_refresh`` this weight's share ``i * gap // n`` of the refresh gap."""
+        if not group["stagger_refresh"]:
+            return 0
+        projected = [q for q in group["params"] if self._is_projected(group, q)]
+        index = next(i for i, q in enumerate(projected) if q is p)
+        return index * group["update_proj_gap"] // len(projected)
+
     def _refresh_if_due(self, group, key, p, state, grad, rank, inner, feedback):
         """Select a new basis when due and move the inner state to it; returns the momentum mass the
         change of basis lost (for error feedback), else None."""
         selector = SELECTORS.lookup(group["selector"])
         previous = state.get("projector")
-        due = previous is None or selector.every_step or int(state["step"]) % group["update_proj_gap"] == 0
+        steps_done, gap = int(state["step"]), group["update_proj_gap"]
+        due = previous is None or selector.every_step or (steps_done - state["refresh_phase"]) % gap == 0
         if not due:
             return None
         ctx = SelectionContext(state, group, key, state["refresh_count"], inner)

@@ -36,6 +36,7 @@ def validate_group(group: dict) -> None:
     check_choice("svd_method", group["svd_method"], sorted(SVD_METHODS))
     check_int("seed", group["seed"], 0)
     check_bool("error_feedback", group["error_feedback"])
+    check_bool("stagger_refresh", group["stagger_refresh"])
     SELECTORS.validate(group)
     TRANSITIONS.validate(group)
 
