@@ -19,10 +19,19 @@ class ExactStateMixin:
     def _exact_state_keys(self) -> set[str]:
         return set()
 
+    def _prepare_loaded_state(self, state_dict: dict) -> dict:
+        """Check (raise ``ValueError``) and complete a state dict before anything is loaded."""
+        return state_dict
+
     def load_state_dict(self, state_dict: dict) -> None:
         captured = {}
+
+        def prepare(opt, sd):
+            captured["sd"] = self._prepare_loaded_state(sd)
+            return captured["sd"]
+
         # registered last, so it sees the dict after any user pre-hook replaced it
-        handle = self.register_load_state_dict_pre_hook(lambda opt, sd: captured.setdefault("sd", sd))
+        handle = self.register_load_state_dict_pre_hook(prepare)
         try:
             super().load_state_dict(state_dict)
         finally:

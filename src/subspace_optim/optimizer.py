@@ -22,6 +22,7 @@ from .inner import INNER_RULES
 from .linalg import subspace_overlap
 from .selectors import SELECTORS, SelectionContext
 from .sides import projects_left
+from .state_checks import prepare_loaded_state
 from .transitions import TRANSITIONS
 from .validation import side_from_proj_type, validate_group, validate_nonfinite
 
@@ -243,6 +244,20 @@ class SubspaceOptimizer(ExactStateMixin, Optimizer):
             group.setdefault("subspace", False)
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
+
+    def load_state_dict(self, state_dict: dict, *, allow_method_change: bool = False) -> None:
+        """torch's ``load_state_dict``, after checking everything it would load (``state_checks.py``):
+        bad values or missing, misshapen or non-finite state raise ``ValueError`` and change nothing.
+        Loading a state saved with another method (selector, transition, inner rule, error feedback,
+        side, rank, projection on or off) needs ``allow_method_change=True``."""
+        self._allow_method_change = allow_method_change
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            del self._allow_method_change
+
+    def _prepare_loaded_state(self, state_dict: dict) -> dict:
+        return prepare_loaded_state(self, state_dict, getattr(self, "_allow_method_change", False))
 
     def _exact_state_keys(self) -> set[str]:
         """``step``, fp32 projectors, error buffers and the components' own fp32/integer state."""

@@ -50,6 +50,10 @@ class Selector(Component):
 
     every_step = False
 
+    def check_state(self, state: dict, group: dict, where: str) -> None:
+        """Raise ``ValueError`` (prefixed by ``where``) if a loaded ``state`` lacks what this selector
+        keeps in it."""
+
     def select(
         self, grad: torch.Tensor, previous: torch.Tensor | None, rank: int, ctx: SelectionContext
     ) -> torch.Tensor:

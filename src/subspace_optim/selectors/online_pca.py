@@ -103,6 +103,18 @@ class OnlinePCASelector(Selector):
         if not isinstance(group["osd_orthonormalize"], bool):
             raise ValueError(f"osd_orthonormalize must be True or False, got {group['osd_orthonormalize']!r}")
 
+    def check_state(self, state: dict, group: dict, where: str) -> None:
+        adam = "osd_grad" not in state or "osd_exp_avg" in state or "osd_exp_avg_sq" in state
+        needed = ("osd_step", "osd_lr", "osd_weight_decay",
+                  *(("osd_exp_avg", "osd_exp_avg_sq") if adam else ("osd_grad",)))
+        missing = [key for key in needed if key not in state]
+        if missing:
+            raise ValueError(f"{where}: state lacks the online-PCA keys {missing}")
+        shape = tuple(state["projector"].shape)
+        for key in needed[3:]:
+            if tuple(state[key].shape) != shape:
+                raise ValueError(f"{where}: {key} has shape {tuple(state[key].shape)}, expected {shape}")
+
     def select(self, grad, previous, rank, ctx: SelectionContext) -> torch.Tensor:
         state, group = ctx.state, ctx.group
         variant, p_opt = group["osd_variant"], group["osd_p_optimizer"]

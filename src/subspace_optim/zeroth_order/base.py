@@ -92,6 +92,39 @@ class ZerothOrderOptimizer(ExactStateMixin, Optimizer):
         check_int("seed", group["seed"], 0, 2**63 - 1)
         check_int("step", group["step"], 0)
 
+    def _prepare_loaded_state(self, state_dict: dict) -> dict:
+        """Refuse, before anything is loaded, a state saved by another optimizer (a group without this
+        one's keys, or with keys it does not know) or with bad values, naming what is wrong."""
+        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
+            raise ValueError("state_dict: expected a dict with 'state' and 'param_groups'")
+        if len(state_dict["param_groups"]) != len(self.param_groups):
+            raise ValueError(f"state_dict: it has {len(state_dict['param_groups'])} param groups, this "
+                             f"optimizer {len(self.param_groups)}")
+        name = type(self).__name__
+        known = set(self.defaults) | {"params", "param_names"}
+        for gi, saved in enumerate(state_dict["param_groups"]):
+            missing, unknown = sorted(set(self.defaults) - set(saved)), sorted(set(saved) - known)
+            if missing or unknown:
+                raise ValueError(
+                    f"state_dict: param group {gi} was not saved by {name} (missing keys {missing}, "
+                    f"unknown keys {unknown})")
+            try:
+                self._validate_group(saved)
+            except ValueError as err:
+                raise ValueError(f"state_dict: param group {gi}: {err}") from None
+            for pid, p in zip(saved["params"], self.param_groups[gi]["params"]):
+                for key, value in state_dict["state"].get(pid, {}).items():
+                    self._check_loaded_state(key, value, p, saved, f"state_dict: parameter {gi}.{pid}")
+        return state_dict
+
+    def _check_loaded_state(self, key: str, value, p: torch.Tensor, group: dict, where: str) -> None:
+        if key != "momentum_buffer":
+            raise ValueError(f"{where}: unknown state key {key!r} for {type(self).__name__}")
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(p.shape):
+            raise ValueError(f"{where}: momentum_buffer must be a tensor of shape {tuple(p.shape)}")
+        if not bool(value.isfinite().all()):
+            raise ValueError(f"{where}: momentum_buffer holds non-finite values")
+
     def _entries(self) -> list[tuple[dict, torch.Tensor, str]]:
         """(group, parameter, key) for every trainable parameter, in the documented order."""
         out = []

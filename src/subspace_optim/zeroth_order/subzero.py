@@ -92,6 +92,20 @@ class SubZero(ZerothOrderOptimizer):
         check_int("update_proj_gap", group["update_proj_gap"], 1)
         check_int("reshape_min_dim", group["reshape_min_dim"], 0)
 
+    def _check_loaded_state(self, key, value, p, group, where) -> None:
+        if key not in ("U", "V"):
+            return super()._check_loaded_state(key, value, p, group, where)
+        shape = subspace_shape(tuple(p.shape), group["reshape_min_dim"])
+        if shape is None:
+            raise ValueError(f"{where}: state has {key} but the parameter (shape {tuple(p.shape)}) has "
+                             "no subspace with these settings")
+        side = shape[0] if key == "U" else shape[1]
+        expected = (side, min(group["rank"], *shape))
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != expected or value.dtype != torch.float32:
+            raise ValueError(f"{where}: {key} must be an fp32 tensor of shape {expected}")
+        if not bool(value.isfinite().all()):
+            raise ValueError(f"{where}: {key} holds non-finite values")
+
     def _prepare(self, group: dict, p: torch.Tensor, key: str) -> None:
         shape = subspace_shape(tuple(p.shape), group["reshape_min_dim"])
         if shape is None:
