@@ -59,7 +59,7 @@ def test_g1_bad_params_rejected(info):
     with pytest.raises(ValueError, match="more than one parameter group"):
         info.make([{"params": [model.up.weight], "subspace": True}, {"params": [model.up.weight]}])
     with pytest.raises(ValueError, match="proj_type"):
-        info.make([{"params": [model.up.weight], "proj_type": "full"}])
+        info.make([{"params": [model.up.weight], "proj_type": "two-sided"}])
     conv = nn.Conv2d(2, 2, 3)
     with pytest.raises(ValueError, match="dense group"):
         info.make([{"params": [conv.weight], "subspace": True}])

@@ -17,26 +17,33 @@ def left_form(matrix: torch.Tensor, left: bool) -> torch.Tensor:
     return matrix if left else matrix.T
 
 
-def project(basis: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """``R = P^T G``: (k, r) x (k, l) -> (r, l)."""
-    return basis.T @ grad
+def project(basis: torch.Tensor, grad: torch.Tensor, right: torch.Tensor | None = None) -> torch.Tensor:
+    """``R = P^T G``: (k, r) x (k, l) -> (r, l); two-sided with a right basis Q (l, r):
+    ``P^T G Q`` (r, r)."""
+    reduced = basis.T @ grad
+    return reduced if right is None else reduced @ right
 
 
-def back_project(basis: torch.Tensor, direction: torch.Tensor, left: bool) -> torch.Tensor:
+def back_project(basis: torch.Tensor, direction: torch.Tensor, left: bool,
+                 right: torch.Tensor | None = None) -> torch.Tensor:
     """``P N`` in the weight's own layout: (k, l) for a left projection, (l, k) = (P N)^T for a right
-    one, computed as ``N^T P^T`` so that the update is contiguous like the weight."""
+    one, computed as ``N^T P^T`` so that the update is contiguous like the weight; two-sided
+    (always in left form): ``P N Q^T``."""
+    if right is not None:
+        return basis @ direction @ right.T
     return basis @ direction if left else direction.T @ basis.T
 
 
 def apply_update(param: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor | None,
-                 step_size, lr: float, weight_decay: float) -> None:
+                 step_size, lr: float, weight_decay: float, decay_after_update: bool = False) -> None:
     """``W <- (1 - lr * wd) W - step_size * numerator / denominator``, in place.
 
-    Decoupled weight decay first, as ``torch.optim.AdamW``; with a float ``step_size`` the update is
-    one fused ``addcdiv_`` / ``add_`` (torch's exact arithmetic). Under ``torch.compile`` the bias
+    Decoupled weight decay first, as ``torch.optim.AdamW``, or after the update as transformers' and
+    galore-torch's AdamW do (``decay_after_update``); with a float ``step_size`` the update is one
+    fused ``addcdiv_`` / ``add_`` (torch's exact arithmetic). Under ``torch.compile`` the bias
     correction, hence ``step_size``, may be a 0-dim tensor, which those fused ops do not take.
     """
-    if weight_decay != 0:
+    if weight_decay != 0 and not decay_after_update:
         param.mul_(1 - lr * weight_decay)
     if isinstance(step_size, torch.Tensor):
         ratio = numerator if denominator is None else numerator / denominator
@@ -45,3 +52,5 @@ def apply_update(param: torch.Tensor, numerator: torch.Tensor, denominator: torc
         param.add_(numerator, alpha=-step_size)
     else:
         param.addcdiv_(numerator, denominator, value=-step_size)
+    if weight_decay != 0 and decay_after_update:
+        param.add_(param, alpha=-lr * weight_decay)

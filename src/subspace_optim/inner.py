@@ -15,6 +15,10 @@ Rules (group key ``inner``), all with decoupled weight decay applied by the opti
   (beta1, beta2), the paper's default (0.9, 0.99). ``sign_after_backprojection``: in a subspace the
   interpolation is back-projected first and the sign taken on the full matrix, as Online Subspace
   Descent's GaLore-Lion code does (arXiv 2408.12857), so ``scale`` has no effect.
+- ``adamw_hf``: the arithmetic of transformers' (deprecated) ``AdamW``, on which galore-torch's
+  ``GaLoreAdamW`` is built: epsilon added before the bias correction, the step size
+  ``lr * sqrt(1 - beta2^t) / (1 - beta1^t)``, weight decay applied after the update. With
+  ``svd_method="lapack"`` it reproduces a galore-torch run (see the README's deviations list).
 - ``sgd``: heavy-ball momentum as ``torch.optim.SGD`` (dampening 0, no Nesterov), key ``momentum``
   in [0, 1) (default 0.9). A buffer is kept even with ``momentum=0`` so that the state layout does
   not depend on a runtime value. Deviation from ``torch.optim.SGD``: weight decay is decoupled.
@@ -31,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .checks import check_real
+from .checks import check_bool, check_real
 from .components import Component, Registry
 
 
@@ -47,6 +51,13 @@ class Direction:
     numerator: torch.Tensor
     denominator: torch.Tensor | None
     bias_correction: float | torch.Tensor
+    lr_factor: float | None = None  # transformers' AdamW multiplies lr by sqrt(1 - beta2^t) first
+
+    def step_size(self, lr: float):
+        """``lr / bias_correction`` (torch's exact expression), or ``lr * lr_factor / bias_correction``."""
+        if self.lr_factor is None:
+            return lr / self.bias_correction
+        return lr * self.lr_factor / self.bias_correction
 
     def ratio(self) -> torch.Tensor:
         """``numerator / denominator`` as one tensor (``bias_correction`` not applied)."""
@@ -71,6 +82,18 @@ def adam_direction(grad, exp_avg, exp_avg_sq, beta1: float, beta2: float, eps: f
     bias_correction2 = 1 - beta2**step
     denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(eps)
     return Direction(exp_avg, denom, bias_correction1)
+
+
+def adamw_hf_direction(grad, exp_avg, exp_avg_sq, beta1: float, beta2: float, eps: float, step,
+                       correct_bias: bool = True) -> Direction:
+    """transformers' ``AdamW`` arithmetic (galore-torch's): ``m / (sqrt(v) + eps)`` with step size
+    ``lr * sqrt(1 - beta2^t) / (1 - beta1^t)``; updates the moments in place."""
+    exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+    denom = exp_avg_sq.sqrt().add_(eps)
+    if not correct_bias:
+        return Direction(exp_avg, denom, 1.0)
+    return Direction(exp_avg, denom, 1.0 - beta1**step, (1.0 - beta2**step) ** 0.5)
 
 
 def lion_direction(grad, exp_avg, beta1: float, beta2: float) -> Direction:
@@ -100,6 +123,7 @@ class InnerRule(Component):
     first_moments: tuple[str, ...] = ()
     second_moments: tuple[str, ...] = ()
     sign_after_backprojection = False
+    decay_after_update = False  # weight decay after the update (transformers' AdamW), not before
 
     @property
     def state_keys(self) -> tuple[str, ...]:
@@ -131,8 +155,7 @@ class Adam(InnerRule):
     second_moments = ("exp_avg_sq",)
 
     def validate(self, group: dict) -> None:
-        if not isinstance(group["correct_bias"], bool):
-            raise ValueError(f"correct_bias must be True or False, got {group['correct_bias']!r}")
+        check_bool("correct_bias", group["correct_bias"])
 
     def direction(self, grad, state, group, step) -> Direction:
         beta1, beta2 = group["betas"]
@@ -150,6 +173,20 @@ class Adam(InnerRule):
         # m_next = beta1 * m + (1 - beta1) * g: mass lost from m re-enters through g scaled this way.
         beta1 = group["betas"][0]
         return beta1 / (1 - beta1)
+
+
+class AdamWHF(Adam):
+    """transformers' / galore-torch's AdamW arithmetic (see the module docstring); same state and
+    options as ``adam``."""
+
+    name = "adamw_hf"
+    defaults: dict = {}  # shares Adam's correct_bias
+    decay_after_update = True
+
+    def direction(self, grad, state, group, step) -> Direction:
+        beta1, beta2 = group["betas"]
+        return adamw_hf_direction(grad, state["exp_avg"], state["exp_avg_sq"], beta1, beta2, group["eps"],
+                                  step, group["correct_bias"])
 
 
 class Lion(InnerRule):
@@ -201,7 +238,7 @@ class SGDMomentum(InnerRule):
         return float(group["momentum"])
 
 
-INNER_RULES: Registry[InnerRule] = Registry("inner", (Adam(), Lion(), SGDMomentum()))
+INNER_RULES: Registry[InnerRule] = Registry("inner", (Adam(), AdamWHF(), Lion(), SGDMomentum()))
 
 
 def get_inner(name: str) -> InnerRule:

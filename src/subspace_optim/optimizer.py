@@ -21,7 +21,7 @@ from .functional import apply_update, back_project, left_form, project
 from .inner import INNER_RULES
 from .linalg import subspace_overlap
 from .selectors import SELECTORS, SelectionContext
-from .sides import projects_left
+from .sides import projects_left, two_sided
 from .state_checks import prepare_loaded_state
 from .transitions import TRANSITIONS
 from .validation import side_from_proj_type, validate_group, validate_nonfinite
@@ -32,7 +32,7 @@ GALORE_KEYS = ("rank", "update_proj_gap", "scale", "proj_type")
 IGNORED_GALORE_ARGS = ("no_deprecation_warning",)
 # State that torch's load_state_dict would cast to the parameter dtype (it spares only "step"):
 # kept at its saved dtype instead. Components add their own through ``exact_state_keys``.
-BASE_EXACT_STATE_KEYS = ("step", "projector")
+BASE_EXACT_STATE_KEYS = ("step", "projector", "projector_right")
 
 
 def component_defaults() -> dict:
@@ -93,7 +93,9 @@ class SubspaceOptimizer(ExactStateMixin, Optimizer):
             refresh every weight together.
         scale (float, 1.0): multiplier of the projected update, > 0 (GaLore's alpha).
         side (str, "galore"): one of ``sides.SIDES``; galore-torch's ``proj_type`` key is accepted
-            in groups (``std``, ``reverse_std``, ``left``, ``right``).
+            in groups (``std``, ``reverse_std``, ``left``, ``right``, ``full``). ``full`` projects
+            both sides (state (r, r)) and takes the refresh-window selectors (``dominant``,
+            ``importance``, ``random``, ``coordinate``), ``keep`` or ``reset``, no error feedback.
         selector (str, "dominant"): ``dominant``, ``importance``, ``random``, ``coordinate``,
             ``online_pca`` (OSD) or ``power`` (LDAdam); the last two move every step.
         transition (str, "keep"): ``keep``, ``reset`` or ``rotate`` (LDAdam's projection-aware
@@ -228,6 +230,8 @@ class SubspaceOptimizer(ExactStateMixin, Optimizer):
         m, n = p.shape
         left = projects_left(group["side"], m, n)
         k = m if left else n
+        if two_sided(group["side"]):
+            return left, min(group["rank"], m, n), min(m, n)
         return left, min(group["rank"], k), k
 
     def __getstate__(self) -> dict:
@@ -355,8 +359,8 @@ class SubspaceOptimizer(ExactStateMixin, Optimizer):
         d = inner.direction(p.grad, state, group, state["step"].item())
         # back-projection is the identity here, so Lion's sign is taken on the direction itself
         numerator = d.numerator.sign() if inner.sign_after_backprojection else d.numerator
-        apply_update(p, numerator, d.denominator, group["lr"] / d.bias_correction, group["lr"],
-                     group["weight_decay"])
+        apply_update(p, numerator, d.denominator, d.step_size(group["lr"]), group["lr"],
+                     group["weight_decay"], inner.decay_after_update)
 
     def _subspace_update(self, group: dict, key: str, p: torch.Tensor) -> None:
         fresh = p not in self.state
@@ -378,18 +382,20 @@ class SubspaceOptimizer(ExactStateMixin, Optimizer):
         grad = feedback.corrected_gradient(state, left_form(p.grad, left), left)  # (k, l) fp32
         lost = self._refresh_if_due(group, key, p, state, grad, rank, inner, feedback)
         basis = state["projector"]  # (k, r) fp32, orthonormal columns
+        right = state.get("projector_right")  # (l, r), two-sided projections only
         state["step"] += 1
         state["inner_step"] += 1
-        reduced = project(basis, grad).to(state_dtype(p))  # (r, l)
+        reduced = project(basis, grad, right).to(state_dtype(p))  # (r, l), or (r, r) two-sided
         feedback.store(state, grad, basis, reduced, lost, inner.feedback_coefficient(group), left)
         d = inner.direction(reduced, state, group, state["inner_step"])
-        update = back_project(basis, d.ratio().to(torch.float32), left)
-        step_size = group["lr"] / d.bias_correction
+        update = back_project(basis, d.ratio().to(torch.float32), left, right)
+        step_size = d.step_size(group["lr"])
         if inner.sign_after_backprojection:
             update = update.sign()  # Lion: the sign makes the scale irrelevant
         else:
             step_size = step_size * group["scale"]
-        apply_update(p, update.to(p.dtype), None, step_size, group["lr"], group["weight_decay"])
+        apply_update(p, update.to(p.dtype), None, step_size, group["lr"], group["weight_decay"],
+                     inner.decay_after_update)
 
     def _refresh_phase(self, group: dict, p: torch.Tensor) -> int:
         """0, or with ``stagger_refresh`` this weight's share ``i * gap // n`` of the refresh gap."""
@@ -410,9 +416,13 @@ class SubspaceOptimizer(ExactStateMixin, Optimizer):
             return None
         ctx = SelectionContext(state, group, key, state["refresh_count"], inner)
         basis = selector.select(grad, previous, rank, ctx)
+        if two_sided(group["side"]):  # the right basis: the same selector on G^T, its own random stream
+            right_ctx = SelectionContext(state, group, key + "/right", state["refresh_count"], inner)
+            state["projector_right"] = selector.select(grad.T, state.get("projector_right"), rank, right_ctx)
         lost = None
         if previous is None:
-            inner.init_state(state, torch.empty((rank, grad.shape[1]), dtype=state_dtype(p), device=p.device))
+            cols = rank if two_sided(group["side"]) else grad.shape[1]
+            inner.init_state(state, torch.empty((rank, cols), dtype=state_dtype(p), device=p.device))
         else:
             state["overlap"] = subspace_overlap(previous, basis)
             before = feedback.momentum_mass(state, inner, previous)

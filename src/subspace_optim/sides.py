@@ -9,13 +9,20 @@ works on G^T, so its state is (r, m). Rules:
 - ``min_state`` (GaLore's ``reverse_std``): compress the larger dimension, which minimises the Adam
   state (r * min(m, n) per moment) at the cost of a larger projector; square matrices go left.
 - ``left``, ``right``: always that side.
+- ``full`` (galore-torch's ``proj_type="full"``): both sides, ``R = P^T G Q`` (r, r) with P (m, r)
+  and Q (n, r); the state is (r, r). The weight is handled in left form (G itself) with a second,
+  right basis Q chosen by the same selector from G^T (so I3S samples the two sides independently).
 """
 
 from __future__ import annotations
 
-SIDES = ("galore", "ldadam", "min_state", "left", "right")
-# galore-torch's proj_type values; "full" (two-sided) is not supported.
-PROJ_TYPE_TO_SIDE = {"std": "galore", "reverse_std": "min_state", "left": "left", "right": "right"}
+SIDES = ("galore", "ldadam", "min_state", "left", "right", "full")
+# galore-torch's proj_type values
+PROJ_TYPE_TO_SIDE = {"std": "galore", "reverse_std": "min_state", "left": "left", "right": "right", "full": "full"}
+
+
+def two_sided(side: str) -> bool:
+    return side == "full"
 
 
 def projects_left(side: str, m: int, n: int) -> bool:
@@ -25,7 +32,7 @@ def projects_left(side: str, m: int, n: int) -> bool:
         return m <= n
     if side == "min_state":
         return m >= n
-    if side == "left":
+    if side in ("left", "full"):
         return True
     if side == "right":
         return False

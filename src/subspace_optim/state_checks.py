@@ -19,6 +19,7 @@ import torch
 from . import error_feedback
 from .inner import INNER_RULES
 from .selectors import SELECTORS
+from .sides import two_sided
 from .validation import validate_group
 
 # Group keys that define the method: loading a state saved with other values changes what the
@@ -95,13 +96,19 @@ def _check_param_state(param_state: dict, group: dict, p: torch.Tensor, optimize
     for key, value in STATE_KEY_DEFAULTS.items():
         param_state.setdefault(key, value)
     _require(param_state, ("projector", "project_left", *PROJECTED_INT_KEYS), where)
-    left, rank, k = optimizer._layout(group, p)
+    left, rank, _ = optimizer._layout(group, p)
     if param_state["project_left"] != left:
         raise ValueError(f"{where}: saved with a {'left' if param_state['project_left'] else 'right'} "
                          f"projection, this optimizer's side rule {group['side']!r} gives "
                          f"{'left' if left else 'right'}")
     l = p.shape[1] if left else p.shape[0]
+    k = p.shape[0] if left else p.shape[1]
     _check_tensor(param_state["projector"], where, "projector", shape=(k, rank), dtype=torch.float32)
+    if two_sided(group["side"]):
+        _require(param_state, ("projector_right",), where)
+        _check_tensor(param_state["projector_right"], where, "projector_right", shape=(l, rank),
+                      dtype=torch.float32)
+        l = rank
     for key in inner.state_keys:
         _check_tensor(param_state[key], where, key, shape=(rank, l))
     for key in PROJECTED_INT_KEYS:

@@ -8,7 +8,7 @@ from .checks import NONFINITE_POLICIES, check_bool, check_choice, check_int, che
 from .inner import INNER_RULES
 from .linalg import SVD_METHODS
 from .selectors import SELECTORS
-from .sides import PROJ_TYPE_TO_SIDE, SIDES
+from .sides import PROJ_TYPE_TO_SIDE, SIDES, two_sided
 from .transitions import TRANSITIONS
 
 
@@ -39,6 +39,21 @@ def validate_group(group: dict) -> None:
     check_bool("stagger_refresh", group["stagger_refresh"])
     SELECTORS.validate(group)
     TRANSITIONS.validate(group)
+    if two_sided(group["side"]):
+        _check_two_sided(group)
+
+
+def _check_two_sided(group: dict) -> None:
+    """galore-torch's two-sided projection is defined for refresh-window selectors whose basis is
+    chosen afresh, with moments kept or reset; the every-step selectors, rotate and error feedback
+    assume one basis."""
+    windowed = sorted(name for name, s in SELECTORS.items() if not s.every_step)
+    if SELECTORS.lookup(group["selector"]).every_step:
+        raise ValueError(f"selector must be one of {windowed} with side='full' (two-sided), got "
+                         f"{group['selector']!r}")
+    check_choice("transition", group["transition"], ("keep", "reset"))
+    if group["error_feedback"]:
+        raise ValueError("error_feedback must be False with side='full' (two-sided)")
 
 
 def side_from_proj_type(proj_type) -> str:
