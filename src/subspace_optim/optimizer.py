@@ -377,8 +377,9 @@ class SubspaceOptimizer(ExactStateMixin, Optimizer):
         left, rank, _ = self._layout(group, p)
         state = self.state[p]
         if not state:
-            state.update(step=torch.tensor(0.0, dtype=_scalar_dtype()), inner_step=0, refresh_count=0,
-                         project_left=left, refresh_phase=self._refresh_phase(group, p))
+            # plain ints: the refresh schedule reads them without a host sync (torch.compile)
+            state.update(step=0, inner_step=0, refresh_count=0, project_left=left,
+                         refresh_phase=self._refresh_phase(group, p))
         grad = feedback.corrected_gradient(state, left_form(p.grad, left), left)  # (k, l) fp32
         lost = self._refresh_if_due(group, key, p, state, grad, rank, inner, feedback)
         basis = state["projector"]  # (k, r) fp32, orthonormal columns
@@ -410,7 +411,7 @@ class SubspaceOptimizer(ExactStateMixin, Optimizer):
         change of basis lost (for error feedback), else None."""
         selector = SELECTORS.lookup(group["selector"])
         previous = state.get("projector")
-        steps_done, gap = int(state["step"]), group["update_proj_gap"]
+        steps_done, gap = state["step"], group["update_proj_gap"]
         due = previous is None or selector.every_step or (steps_done - state["refresh_phase"]) % gap == 0
         if not due:
             return None

@@ -26,7 +26,7 @@ from .validation import validate_group
 # optimizer does, so it needs an explicit allow_method_change=True.
 METHOD_KEYS = ("subspace", "selector", "transition", "inner", "error_feedback", "side", "rank")
 # Per-parameter bookkeeping of a projected weight (plain Python values)
-PROJECTED_INT_KEYS = ("inner_step", "refresh_count")
+PROJECTED_INT_KEYS = ("step", "inner_step", "refresh_count")
 # State keys added by later versions, with the value an older state implies
 STATE_KEY_DEFAULTS = {"refresh_phase": 0}
 
@@ -88,13 +88,15 @@ def _check_param_state(param_state: dict, group: dict, p: torch.Tensor, optimize
     inner = INNER_RULES.lookup(group["inner"])
     projected = optimizer._is_projected(group, p)
     _require(param_state, ("step", *inner.state_keys), where)
-    _check_tensor(param_state["step"], where, "step", shape=())
     if not projected:
+        _check_tensor(param_state["step"], where, "step", shape=())
         for key in inner.state_keys:
             _check_tensor(param_state[key], where, key, shape=tuple(p.shape))
         return param_state
     for key, value in STATE_KEY_DEFAULTS.items():
         param_state.setdefault(key, value)
+    if isinstance(param_state["step"], torch.Tensor) and param_state["step"].dim() == 0:
+        param_state["step"] = int(param_state["step"])  # saved when a projected step was a tensor
     _require(param_state, ("projector", "project_left", *PROJECTED_INT_KEYS), where)
     left, rank, _ = optimizer._layout(group, p)
     if param_state["project_left"] != left:
