@@ -41,13 +41,17 @@ def apply_update(param: torch.Tensor, numerator: torch.Tensor, denominator: torc
     Decoupled weight decay first, as ``torch.optim.AdamW``, or after the update as transformers' and
     galore-torch's AdamW do (``decay_after_update``); with a float ``step_size`` the update is one
     fused ``addcdiv_`` / ``add_`` (torch's exact arithmetic). Under ``torch.compile`` the bias
-    correction, hence ``step_size``, may be a 0-dim tensor, which those fused ops do not take.
+    correction, hence ``step_size``, may be a 0-dim tensor, which those fused ops do not take; and
+    inductor (CPU, torch 2.13) drops the ``alpha`` of ``p.add_(A @ B, alpha=c)`` (it rewrites the
+    pair into an ``addmm`` without it), so compiled steps multiply explicitly.
     """
     if weight_decay != 0 and not decay_after_update:
         param.mul_(1 - lr * weight_decay)
-    if isinstance(step_size, torch.Tensor):
+    if isinstance(step_size, torch.Tensor) or torch.compiler.is_compiling():
         ratio = numerator if denominator is None else numerator / denominator
-        param.sub_(ratio * step_size.to(ratio.dtype))
+        if isinstance(step_size, torch.Tensor):
+            step_size = step_size.to(ratio.dtype)
+        param.sub_(ratio * step_size)
     elif denominator is None:
         param.add_(numerator, alpha=-step_size)
     else:

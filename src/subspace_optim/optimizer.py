@@ -20,6 +20,7 @@ from .exact_state import ExactStateMixin
 from .functional import apply_update, back_project, left_form, project
 from .inner import INNER_RULES
 from .linalg import subspace_overlap
+from .nonfinite import PendingSkips, all_or_nothing, first_nonfinite
 from .selectors import SELECTORS, SelectionContext
 from .sides import projects_left, two_sided
 from .state_checks import prepare_loaded_state
@@ -155,6 +156,7 @@ class SubspaceOptimizer(ExactStateMixin, Optimizer):
         self.nonfinite = nonfinite
         self._default_subspace = subspace
         self._warned_full_rank = False
+        self._pending_skips = PendingSkips()
         options = {k: v for k, v in component_options.items() if k in owned}
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank,
@@ -165,6 +167,7 @@ class SubspaceOptimizer(ExactStateMixin, Optimizer):
             differentiable=False,  # torch.optim adds it on load; present from the start keeps state_dicts equal
         )
         super().__init__(params, defaults)
+        self.register_state_dict_pre_hook(SubspaceOptimizer._fold_pending_skips)
         self._constructed = True
         for group in self.param_groups:
             self._warn_full_rank(group)
@@ -236,14 +239,17 @@ class SubspaceOptimizer(ExactStateMixin, Optimizer):
 
     def __getstate__(self) -> dict:
         # torch's pickles only defaults, state and param_groups; keep the per-optimizer settings too.
+        self._fold_pending_skips()
         return {**super().__getstate__(), "nonfinite": self.nonfinite, "_default_subspace": self._default_subspace,
-                "_warned_full_rank": self._warned_full_rank}
+                "_warned_full_rank": self._warned_full_rank, "_pending_skips": PendingSkips()}
 
     def __setstate__(self, state: dict) -> None:
         state.setdefault("nonfinite", "error")
         state.setdefault("_default_subspace", None)
         state.setdefault("_warned_full_rank", False)
+        state.setdefault("_pending_skips", PendingSkips())
         super().__setstate__(state)
+        self.register_state_dict_pre_hook(SubspaceOptimizer._fold_pending_skips)
         for group in self.param_groups:  # dicts saved by older versions lack newer keys
             group.setdefault("subspace", False)
             for key, value in self.defaults.items():
@@ -273,7 +279,15 @@ class SubspaceOptimizer(ExactStateMixin, Optimizer):
     @property
     def skipped_steps(self) -> int:
         """Steps skipped by ``nonfinite="skip"``."""
+        self._fold_pending_skips()
         return self.param_groups[0]["skipped_steps"] if self.param_groups else 0
+
+    def _fold_pending_skips(self, *_) -> None:
+        """Add the skips counted on the device by compiled steps (``nonfinite.py``) to the groups."""
+        pending = self._pending_skips.take()
+        if pending:
+            for group in self.param_groups:
+                group["skipped_steps"] += pending
 
     # ------------------------------------------------------------------------------------ step
     @torch.no_grad()
@@ -283,7 +297,13 @@ class SubspaceOptimizer(ExactStateMixin, Optimizer):
             with torch.enable_grad():
                 loss = closure()
         work = self._collect_work()
-        bad = self._first_nonfinite(work)
+        if not work:
+            return loss
+        if torch.compiler.is_compiling() and self.nonfinite == "skip" and not self._any_refresh_due(work):
+            with all_or_nothing(self, work):  # no host sync: no graph break (nonfinite.py)
+                self._update_all(work)
+            return loss
+        bad = first_nonfinite(work)
         if bad is not None:
             key, p = bad
             if self.nonfinite == "error":
@@ -295,12 +315,28 @@ class SubspaceOptimizer(ExactStateMixin, Optimizer):
             for group in self.param_groups:
                 group["skipped_steps"] += 1
             return loss
+        self._update_all(work)
+        return loss
+
+    def _update_all(self, work) -> None:
         for group, key, p in work:
             if self._is_projected(group, p):
                 self._subspace_update(group, key, p)
             else:
                 self._dense_update(group, p)
-        return loss
+
+    def _any_refresh_due(self, work) -> bool:
+        return any(self._is_projected(group, p) and self._refresh_due(group, self.state.get(p))
+                   for group, _, p in work)
+
+    def _refresh_due(self, group: dict, state: dict | None) -> bool:
+        """A first step, an every-step selector, or the weight's step count (minus its phase) at a
+        multiple of ``update_proj_gap``; plain ints only, so no host sync."""
+        if not state or "projector" not in state:
+            return True
+        if SELECTORS.lookup(group["selector"]).every_step:
+            return True
+        return (state["step"] - state["refresh_phase"]) % group["update_proj_gap"] == 0
 
     @staticmethod
     def _is_projected(group: dict, p: torch.Tensor) -> bool:
@@ -331,24 +367,6 @@ class SubspaceOptimizer(ExactStateMixin, Optimizer):
                 work.append((group, key, p))
         return work
 
-    @staticmethod
-    def _first_nonfinite(work):
-        if not work:
-            return None
-        by_device = {}
-        for _, key, p in work:
-            by_device.setdefault(p.grad.device, []).append(p.grad)
-        # Fast screen: a NaN or Inf makes its tensor's sum non-finite, and a sum reads the gradient
-        # once without allocating a mask. One synchronisation per device. Only a non-finite sum
-        # (a bad value, or, practically never, a finite overflow) triggers the exact search.
-        if all(bool(torch.stack([g.sum(dtype=torch.float32) for g in grads]).isfinite().all())
-               for grads in by_device.values()):
-            return None
-        for _, key, p in work:
-            if not bool(p.grad.isfinite().all()):
-                return key, p
-        return None
-
     def _dense_update(self, group: dict, p: torch.Tensor) -> None:
         inner = INNER_RULES.lookup(group["inner"])
         state = self.state[p]
@@ -356,7 +374,10 @@ class SubspaceOptimizer(ExactStateMixin, Optimizer):
             state["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
             inner.init_state(state, p)
         state["step"] += 1
-        d = inner.direction(p.grad, state, group, state["step"].item())
+        # torch.compile keeps the step a tensor (as torch.optim does): .item() would break the graph;
+        # float64, as the eager Python float, so that bias corrections round alike
+        step = state["step"].to(torch.float64) if torch.compiler.is_compiling() else state["step"].item()
+        d = inner.direction(p.grad, state, group, step)
         # back-projection is the identity here, so Lion's sign is taken on the direction itself
         numerator = d.numerator.sign() if inner.sign_after_backprojection else d.numerator
         apply_update(p, numerator, d.denominator, d.step_size(group["lr"]), group["lr"],
@@ -409,12 +430,10 @@ class SubspaceOptimizer(ExactStateMixin, Optimizer):
     def _refresh_if_due(self, group, key, p, state, grad, rank, inner, feedback):
         """Select a new basis when due and move the inner state to it; returns the momentum mass the
         change of basis lost (for error feedback), else None."""
+        if not self._refresh_due(group, state):
+            return None
         selector = SELECTORS.lookup(group["selector"])
         previous = state.get("projector")
-        steps_done, gap = state["step"], group["update_proj_gap"]
-        due = previous is None or selector.every_step or (steps_done - state["refresh_phase"]) % gap == 0
-        if not due:
-            return None
         ctx = SelectionContext(state, group, key, state["refresh_count"], inner)
         basis = selector.select(grad, previous, rank, ctx)
         if two_sided(group["side"]):  # the right basis: the same selector on G^T, its own random stream

@@ -1,0 +1,76 @@
+"""The non-finite policy: a step with a NaN or Inf gradient changes nothing (all or nothing).
+
+Eagerly (the reference), every gradient is screened before anything is modified: the policy
+``"error"`` raises naming the parameter, ``"skip"`` returns and counts the step. That screen needs a
+host synchronisation, which ``torch.compile`` turns into a graph break. Under ``torch.compile`` with
+``"skip"``, ordinary steps (no refresh due) therefore take :func:`all_or_nothing` instead: the
+updates run unconditionally and every tensor they touched is then put back where a gradient was
+non-finite (one ``torch.where`` per tensor, which the compiler fuses into the update: no sync, no
+graph break). The skip is counted in a device tensor and folded into ``skipped_steps`` when it is
+read or the state is saved. Documented difference: under compile a skipped step still advances the
+plain-int counters (step, inner step, refresh schedule) of projected weights. ``"error"`` under
+compile keeps the eager screen (one graph break per step); refresh steps always take it.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+
+def first_nonfinite(work):
+    """``(key, param)`` of the first non-finite gradient in ``work`` (group, key, param), else None."""
+    if not work:
+        return None
+    by_device = {}
+    for _, key, p in work:
+        by_device.setdefault(p.grad.device, []).append(p.grad)
+    # Fast screen: a NaN or Inf makes its tensor's sum non-finite, and a sum reads the gradient
+    # once without allocating a mask. One synchronisation per device. Only a non-finite sum
+    # (a bad value, or, practically never, a finite overflow) triggers the exact search.
+    if all(bool(torch.stack([g.sum(dtype=torch.float32) for g in grads]).isfinite().all())
+           for grads in by_device.values()):
+        return None
+    for _, key, p in work:
+        if not bool(p.grad.isfinite().all()):
+            return key, p
+    return None
+
+
+@contextmanager
+def all_or_nothing(optimizer, work):
+    """Run the body's updates, then undo them (parameters and every state tensor) if any gradient
+    in ``work`` is non-finite, without a host synchronisation; counts the skip."""
+    device = work[0][2].grad.device
+    ok = torch.stack([p.grad.isfinite().all().to(device) for _, _, p in work]).all()
+    saved = []
+    for _, _, p in work:
+        state = optimizer.state.get(p, {})
+        tensors = {key: (value, value.clone()) for key, value in state.items() if isinstance(value, torch.Tensor)}
+        saved.append((p, p.clone(), state, tensors))
+    yield
+    for p, old_p, state, tensors in saved:
+        p.copy_(torch.where(ok, p, old_p))
+        for key, (original, old) in tensors.items():
+            now = state[key]
+            if now is original:  # updated in place
+                now.copy_(torch.where(ok, now, old))
+            else:  # replaced by a new tensor
+                state[key] = torch.where(ok, now, old)
+    optimizer._pending_skips.add((~ok).to(torch.int64))
+
+
+class PendingSkips:
+    """Skips counted on the device by compiled steps, until read (a plain object: dynamo replays
+    attribute writes on it, not on the optimizer)."""
+
+    def __init__(self):
+        self.count: torch.Tensor | None = None
+
+    def add(self, skipped: torch.Tensor) -> None:
+        self.count = skipped if self.count is None else self.count + skipped
+
+    def take(self) -> int:
+        count, self.count = self.count, None
+        return 0 if count is None else int(count)
