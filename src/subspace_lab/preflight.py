@@ -82,5 +82,6 @@ def rank_warning(cfg: TrainConfig, optimizers: list[str]) -> str | None:
     smallest = min(min(s) for _, s in shapes)
     return (f"warning: --rank {rank} is >= the smaller dimension of {len(full)} of the "
             f"{len(shapes)} projected weights of model {cfg.model.name!r} (e.g. {name}, {m}x{n}): "
-            f"{', '.join(subspace)} project nothing there and train them as full-rank Adam; "
+            f"{', '.join(subspace)} project{'s' if len(subspace) == 1 else ''} nothing there and "
+            f"train{'s' if len(subspace) == 1 else ''} them as full-rank Adam; "
             f"use --rank < {smallest} for a real subspace")

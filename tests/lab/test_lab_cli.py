@@ -140,7 +140,7 @@ def test_rank_at_projected_dimension_warns_before_training(tmp_path, lab_cache, 
     err = capsys.readouterr().err.splitlines()
     assert err[0].startswith("warning: --rank 32 is >= the smaller dimension of 14 of the 14 "
                              "projected weights of model 'micro'")
-    assert ("galore, i3s project nothing" if command == "compare" else "galore project") in err[0]
+    assert ("galore, i3s project nothing" if command == "compare" else "galore projects nothing") in err[0]
     assert "stopped before any data was built" in err[1]
     assert main([command, *_common(lab_cache), "--rank", "8", *opt,
                  "--out-dir", str(tmp_path / "w")]) == 2
