@@ -3,8 +3,12 @@
 A save writes every file into `step-000123.tmp/` and fsyncs it, writes `manifest.json` (file
 sizes, sha256, library versions) LAST and fsyncs it, then `os.replace`s the folder to
 `step-000123/` and fsyncs the parent. A folder without a valid manifest never counts: a crash at
-any moment leaves the previous checkpoint as the latest valid one, and `find_latest_valid` removes
-the leftovers. `keep_last_k` purges old checkpoints only after the new one is committed.
+any moment leaves the previous checkpoint as the latest valid one. `keep_last_k` purges old
+checkpoints only after the new one is committed, and renames each to `step-000123.deleting/`
+before deleting it, so a kill mid-purge never leaves a half-deleted `step-*` folder that looks
+like a checkpoint. `clean_leftovers` (run at every start) removes `.tmp` and `.deleting` folders.
+A failed write (disk full) raises `CheckpointWriteError` naming the reason; the partial folder is
+removed at once and the previous checkpoint stays the latest valid one.
 Everything loads with `torch.load(weights_only=True)`: only tensors and plain Python values.
 """
 from __future__ import annotations
@@ -24,6 +28,11 @@ import torch
 
 MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+_LEFTOVER = re.compile(r"^(step-\d+)\.(tmp|old|deleting)$")
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, read-only folder, ...)."""
 
 
 def versions() -> dict[str, str]:
@@ -61,9 +70,20 @@ def save_checkpoint(root: str | Path, step: int, objects: dict[str, object],
                     keep_last_k: int | None = None) -> Path:
     """Write `objects` (name -> picklable tensors/plain values) atomically as checkpoint `step`."""
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     final = step_dir(root, step)
     tmp = final.with_name(final.name + ".tmp")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        _write(root, final, tmp, step, objects)
+    except Exception as e:  # noqa: BLE001 - torch reports a failed write as RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)  # free the space the partial copy took
+        raise _write_error(root, final, e) from e
+    if keep_last_k is not None:
+        purge(root, keep_last_k)
+    return final
+
+
+def _write(root: Path, final: Path, tmp: Path, step: int, objects: dict[str, object]) -> None:
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
@@ -92,21 +112,47 @@ def save_checkpoint(root: str | Path, step: int, objects: dict[str, object],
     else:
         os.replace(tmp, final)
     _fsync_dir(root)
-    if keep_last_k is not None:
-        purge(root, keep_last_k)
-    return final
+
+
+def _write_error(root: Path, final: Path, e: BaseException) -> CheckpointWriteError:
+    """One line: what failed, why (the OSError torch wraps, if any), free space, what is kept."""
+    cause: BaseException | None = e
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__cause__ or cause.__context__
+    code = getattr(cause, "errno", None)
+    reason = os.strerror(code) if code else str(cause or e).strip().splitlines()[0]
+    try:
+        free = f"; {shutil.disk_usage(root).free / 2**20:.0f} MiB free there"
+    except OSError:
+        free = ""
+    valid = list_valid(root)
+    kept = f"the previous checkpoint {valid[-1][1]} is intact" if valid else "no earlier checkpoint"
+    err = CheckpointWriteError(f"could not write checkpoint {final}: {reason}{free}; {kept}")
+    err.errno = code
+    return err
+
+
+def why_invalid(path: Path) -> str | None:
+    """None if the folder is a complete checkpoint (manifest present, every file of the size it
+    lists), else the reason in a few words."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        for name, meta in manifest["files"].items():
+            size = (path / name).stat().st_size
+            if size != meta["size"]:
+                return f"{name} has {size} bytes, manifest says {meta['size']}"
+        return None
+    except FileNotFoundError as e:
+        return f"no {Path(e.filename).name}"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return f"unreadable {MANIFEST} ({type(e).__name__})"
 
 
 def read_manifest(path: Path) -> dict | None:
     """The manifest if the folder is a complete checkpoint (all files present, sizes match)."""
-    try:
-        manifest = json.loads((path / MANIFEST).read_text())
-        for name, meta in manifest["files"].items():
-            if (path / name).stat().st_size != meta["size"]:
-                return None
-        return manifest
-    except (OSError, ValueError, KeyError, TypeError):
+    if why_invalid(path) is not None:
         return None
+    return json.loads((path / MANIFEST).read_text())
 
 
 def list_valid(root: str | Path) -> list[tuple[int, Path]]:
@@ -121,33 +167,72 @@ def list_valid(root: str | Path) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
-def find_latest_valid(root: str | Path, clean: bool = True) -> Path | None:
-    """The newest complete checkpoint under `root`, or None. With `clean`, partial folders
-    (`*.tmp`, `*.old`) left by a crash are removed."""
+def describe(root: str | Path) -> str:
+    """What a checkpoint folder holds, for error messages: 'step-000005 (no manifest.json), ...'."""
     root = Path(root)
-    if clean and root.is_dir():
-        for p in root.iterdir():
-            if p.is_dir() and p.name.startswith("step-") and p.suffix in (".tmp", ".old"):
-                shutil.rmtree(p, ignore_errors=True)
+    if not root.is_dir():
+        return f"{root} does not exist"
+    entries = sorted(root.iterdir())
+    if not entries:
+        return f"{root} is empty"
+    parts = []
+    for p in entries:
+        reason = why_invalid(p) if _STEP_DIR.match(p.name) and p.is_dir() else "not a checkpoint"
+        parts.append(f"{p.name} ({reason or 'valid'})")
+    return f"{root} holds " + ", ".join(parts)
+
+
+def clean_leftovers(root: str | Path) -> None:
+    """Remove what an interrupted save or purge left (`step-*.tmp`, `step-*.deleting`). A
+    `step-*.old` whose step folder is missing is the only copy of that step (a kill between the
+    two renames of a re-save) and is moved back; otherwise it is removed."""
+    root = Path(root)
+    if not root.is_dir():
+        return
+    for p in root.iterdir():
+        m = _LEFTOVER.match(p.name)
+        if not m or not p.is_dir():
+            continue
+        final = root / m.group(1)
+        if m.group(2) == "old" and not final.exists() and read_manifest(p) is not None:
+            os.replace(p, final)
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def find_latest_valid(root: str | Path, clean: bool = True) -> Path | None:
+    """The newest complete checkpoint under `root`, or None. With `clean`, leftovers of an
+    interrupted save or purge are removed first (`clean_leftovers`)."""
+    if clean:
+        clean_leftovers(root)
     valid = list_valid(root)
     return valid[-1][1] if valid else None
 
 
 def purge(root: str | Path, keep_last_k: int) -> None:
-    """Delete all but the newest `keep_last_k` (>= 1) valid checkpoints."""
+    """Delete all but the newest `keep_last_k` (>= 1) valid checkpoints. Each is renamed to
+    `*.deleting` first: a kill during the deletion leaves a folder no one takes for a checkpoint."""
+    root = Path(root)
     keep_last_k = max(1, keep_last_k)
     for _, p in list_valid(root)[:-keep_last_k]:
-        shutil.rmtree(p, ignore_errors=True)
+        doomed = p.with_name(p.name + ".deleting")
+        os.replace(p, doomed)
+        _fsync_dir(root)
+        shutil.rmtree(doomed, ignore_errors=True)
 
 
-def load_checkpoint(path: str | Path, verify: bool = True) -> dict[str, object]:
-    """Load every file of a checkpoint (`weights_only=True`, on CPU); verify sha256 first."""
+def load_checkpoint(path: str | Path, verify: bool = True,
+                    only: tuple[str, ...] | None = None) -> dict[str, object]:
+    """Load every file of a checkpoint, or the `only` ones (`weights_only=True`, on CPU); verify
+    sha256 first."""
     path = Path(path)
     manifest = read_manifest(path)
     if manifest is None:
         raise ValueError(f"{path} is not a complete checkpoint (missing or invalid {MANIFEST})")
     out = {}
     for name, meta in manifest["files"].items():
+        if only is not None and name[:-3] not in only:
+            continue
         if verify and _sha256(path / name) != meta["sha256"]:
             raise ValueError(f"checkpoint file {path / name} is corrupt (sha256 mismatch)")
         out[name[:-3]] = torch.load(path / name, weights_only=True, map_location="cpu")

@@ -1,6 +1,8 @@
 """The `subspace` command. Each subcommand lives in `subspace_lab/commands/<name>.py` and exposes
 `add_parser(subparsers)`, which registers its parser and sets `func(args) -> int`. Adding a
-subcommand (finetune, bench, ...) is a new module plus its name in `commands.COMMANDS`."""
+subcommand (finetune, bench, ...) is a new module plus its name in `commands.COMMANDS`.
+Bad input and environment failures (`ValueError`, `OSError`: a missing file, a full disk) end
+in one line on stderr and exit code 2; a non-finite loss under `--nonfinite error` exits 3."""
 from __future__ import annotations
 
 import argparse
@@ -29,8 +31,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"subspace {args.command}: error: {e}", file=sys.stderr)
+    except (ValueError, OSError) as e:  # bad input or a failing disk: one line, no traceback
+        print(f"subspace {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except RuntimeError as e:
         from .train import NonFiniteLossError
@@ -38,6 +40,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"subspace {args.command}: error: {e}", file=sys.stderr)
         return 3
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text or type(e).__name__
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from .config import TrainConfig
 from .data import InMemoryData, StreamingData, build_data
+from .preflight import prepare_out_dir, preflight
 from .report import markdown_table, write_report
 from .train import train
 
@@ -72,18 +73,21 @@ def _fresh(data, seed: int, cfg: TrainConfig):
     return InMemoryData(data.train, data.val, data.tokenizer, seed)
 
 
-def run_compare(base: TrainConfig, optimizers, lrs: dict[str, list[float]], seeds,
-                out_dir: str | Path,
-                command: str | None = None) -> dict[str, Path]:
+def check_optimizers(optimizers) -> None:
     from .optimizers import OPTIMIZERS
 
     unknown = [o for o in optimizers if o not in OPTIMIZERS]
     if unknown:
         raise ValueError(f"unknown optimizer(s) {unknown}; allowed: {', '.join(sorted(OPTIMIZERS))}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+
+
+def run_compare(base: TrainConfig, optimizers, lrs: dict[str, list[float]], seeds,
+                out_dir: str | Path,
+                command: str | None = None) -> dict[str, Path]:
+    check_optimizers(optimizers)
+    preflight(base)  # every cheap check before the corpus is read and the tokenizer trained
+    out = prepare_out_dir(out_dir)
     (out / "command.txt").write_text((command or shlex.join(["subspace", *sys.argv[1:]])) + "\n")
-    base.validate()
     data = build_data(base.data, seeds[0], base.eval_batches * base.batch_size)
     for seed in seeds:
         for name in optimizers:

@@ -13,13 +13,30 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-def _f(default, help: str, flag: str | None = None, choices=None, **kw):
-    return field(default=default, metadata={"help": help, "flag": flag, "choices": choices}, **kw)
+def _f(default, help: str, flag: str | None = None, choices=None, names=None, **kw):
+    """A config field. `names` is a zero-argument function giving the allowed values of a name
+    field (listed in the flag's help and checked by `validate`, before any data is built)."""
+    return field(default=default, metadata={"help": help, "flag": flag, "choices": choices,
+                                            "names": names}, **kw)
+
+
+def optimizer_names() -> list[str]:
+    from .optimizers import OPTIMIZERS
+    return sorted(OPTIMIZERS)
+
+
+def model_names() -> list[str]:
+    from .models import MODEL_SHAPES
+    return list(MODEL_SHAPES)
+
+
+# the byte-level BPE always holds the 256 bytes and the end-of-text token
+MIN_BPE_VOCAB = 257
 
 
 @dataclass
 class ModelConfig:
-    name: str = _f("tiny", "model size: micro, tiny, small, 60m, 130m, 350m, 1b, 7b", flag="model")
+    name: str = _f("tiny", "model size", flag="model", names=model_names)
 
 
 @dataclass
@@ -33,8 +50,8 @@ class DataConfig:
                                 "off for local files)")
     tokenizer: str = _f("bpe", "'bpe' (train and cache a byte-level BPE on the corpus) or a "
                         "Hugging Face tokenizer name/path")
-    vocab_size: int = _f(4096, "vocabulary size of the trained BPE tokenizer")
-    seq_len: int = _f(128, "tokens per packed training sequence")
+    vocab_size: int = _f(4096, f"vocabulary size of the trained BPE tokenizer (>= {MIN_BPE_VOCAB})")
+    seq_len: int = _f(128, "tokens per packed training sequence (>= 2)")
     val_fraction: float = _f(0.02, "fraction of documents held out for validation (by hash)")
     max_docs: int | None = _f(None, "read at most this many documents (streaming: per split)")
     cache_dir: str | None = _f(None, "cache for tokenizers and token arrays "
@@ -43,7 +60,7 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = _f("adamw", "optimizer: see `subspace_lab.optimizers.OPTIMIZERS`", flag="optimizer")
+    name: str = _f("adamw", "optimizer", flag="optimizer", names=optimizer_names)
     lr: float = _f(3e-3, "peak learning rate")
     weight_decay: float = _f(0.0, "decoupled weight decay")
     rank: int = _f(32, "subspace rank (subspace optimizers)")
@@ -60,7 +77,8 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     batch_size: int = _f(16, "sequences per micro-batch per process")
     grad_accum: int = _f(1, "micro-batches accumulated per optimizer step")
-    steps: int | None = _f(None, "optimizer steps (default: from --tokens, else 200)")
+    steps: int | None = _f(None, "optimizer steps (if unset: from --tokens, else 200); a --resume "
+                           "may change it (see --resume)")
     tokens: int | None = _f(None, "token budget; sets steps = ceil(tokens / tokens per step)")
     warmup_fraction: float = _f(0.1, "fraction of steps of linear warmup")
     min_lr_ratio: float = _f(0.1, "cosine decays to this fraction of the peak lr (GaLore: 0.1)")
@@ -77,7 +95,12 @@ class TrainConfig:
     device: str = _f("auto", "auto, cpu or cuda")
     threads: int = _f(0, "CPU threads for torch (0: torch's default; 1 is much faster on a "
                       "machine busy with other jobs)")
-    resume: bool = _f(False, "resume from the latest valid checkpoint in out_dir")
+    resume: bool = _f(False, "resume from the latest valid checkpoint in out_dir. Refuses when "
+                      "there is none, or when the model, data, optimizer, batch or schedule-shape "
+                      "settings differ from the checkpoint's. --steps/--tokens may change (extend "
+                      "a finished run): the warmup+cosine is recomputed over the new total, so "
+                      "after the resume point the LR is that of an uninterrupted run of the new "
+                      "length, while the steps before it kept the old schedule's LR")
     stop_at: int | None = _f(None, "checkpoint and stop after this step; the schedule still "
                              "follows --steps (time-sliced jobs, resume tests)")
     progress: bool = _f(True, "show a tqdm progress bar")
@@ -96,13 +119,25 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         def check(ok: bool, name: str, rule: str):
             if not ok:
-                raise ValueError(f"config: {name} must be {rule}, got {_get(self, name)!r}")
+                raise ValueError(f"config: {name} (--{_FLAGS[name]}) must be {rule}, "
+                                 f"got {_get(self, name)!r}")
+        for dotted, f in iter_fields():
+            allowed = f.metadata.get("names")
+            if allowed is not None and _get(self, dotted) not in allowed():
+                kind = f.metadata["flag"] or dotted
+                raise ValueError(f"unknown {kind} {_get(self, dotted)!r}; allowed: "
+                                 f"{', '.join(allowed())} (--{_FLAGS[dotted]})")
         for name in ("batch_size", "grad_accum", "data.seq_len", "data.vocab_size", "optim.rank",
                      "optim.update_proj_gap", "eval_batches", "log_every", "keep_last_k"):
             v = _get(self, name)
             check(isinstance(v, int) and v >= 1, name, "an integer >= 1")
         for name in ("eval_every", "checkpoint_every", "threads"):
             check(isinstance(_get(self, name), int) and _get(self, name) >= 0, name, "an int >= 0")
+        check(self.data.seq_len >= 2, "data.seq_len", ">= 2 (a sequence predicts its next tokens)")
+        check(self.data.tokenizer != "bpe" or self.data.vocab_size >= MIN_BPE_VOCAB,
+              "data.vocab_size", f">= {MIN_BPE_VOCAB} for the byte-level BPE (256 bytes and the "
+              f"end-of-text token)")
+        check(self.data.max_docs is None or self.data.max_docs >= 1, "data.max_docs", ">= 1")
         check(self.steps is None or self.steps >= 1, "steps", ">= 1")
         check(self.stop_at is None or self.stop_at >= 1, "stop_at", ">= 1")
         check(self.tokens is None or self.tokens >= 1, "tokens", ">= 1")
@@ -159,6 +194,9 @@ def flag_name(dotted: str, f: dataclasses.Field) -> str:
     return f.metadata.get("flag") or dotted.rsplit(".", 1)[-1].replace("_", "-")
 
 
+_FLAGS = {dotted: flag_name(dotted, f) for dotted, f in iter_fields()}
+
+
 def set_dotted(cfg, dotted: str, value) -> None:
     *parents, leaf = dotted.split(".")
     for p in parents:
@@ -177,19 +215,25 @@ def _leaf_type(f: dataclasses.Field) -> tuple[str, bool]:
     return t.removesuffix("|None"), optional
 
 
-def add_config_args(parser, exclude: tuple[str, ...] = ()) -> None:
-    """Add one flag per `TrainConfig` leaf field (defaults suppressed: only given flags apply)."""
+def add_config_args(parser, exclude: tuple[str, ...] = (), defaults: TrainConfig | None = None,
+                    helps: dict[str, str] | None = None) -> None:
+    """Add one flag per `TrainConfig` leaf field (defaults suppressed: only given flags apply).
+    `defaults` is the config the command starts from (shown in the help); `helps` replaces the
+    help text of some fields (dotted name -> text)."""
     import argparse
 
     parser.add_argument("--config", default=argparse.SUPPRESS,
                         help="JSON file with a TrainConfig dict (flags override it)")
-    defaults = TrainConfig()
+    defaults = defaults or TrainConfig()
     for dotted, f in iter_fields():
         flag = flag_name(dotted, f)
         if dotted in exclude or flag in exclude:
             continue
         kind, optional = _leaf_type(f)
-        help_ = f"{f.metadata.get('help', '')} (default: {_get(defaults, dotted)})"
+        text = (helps or {}).get(dotted, f.metadata.get("help", ""))
+        if f.metadata.get("names"):
+            text += ": " + ", ".join(f.metadata["names"]())
+        help_ = f"{text} (default: {_get(defaults, dotted)})".replace("%", "%%")
         kw = dict(dest=dotted, default=argparse.SUPPRESS, help=help_)
         if kind == "bool":
             parser.add_argument(f"--{flag}", action=argparse.BooleanOptionalAction, **kw)
@@ -210,4 +254,6 @@ def config_from_args(args, base: TrainConfig | None = None) -> TrainConfig:
     for dotted, _ in iter_fields():
         if dotted in values:
             set_dotted(cfg, dotted, values[dotted])
+    if "tokens" in values and "steps" not in values:  # a token budget replaces a base's steps
+        cfg.steps = None
     return cfg.validate()

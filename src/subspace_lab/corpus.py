@@ -6,10 +6,15 @@ inline verse numbers such as `1:14 ` stripped); an existing path is a local .txt
 file or a directory of them (read with `datasets.load_dataset("text" | "json", data_files=...)`;
 text files give one document per blank-line separated paragraph); anything else is a Hugging Face
 dataset name (e.g. `allenai/c4` with config `en`), streamed by default.
+A local file that cannot be read (not UTF-8, binary, malformed JSON) is a `ValueError` naming the
+file and the line, found by re-reading the files only after `datasets` failed.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
+import logging
 import os
 import re
 import sqlite3
@@ -109,15 +114,19 @@ def _load_hf(cfg: DataConfig, source: Source):
                          f"reachable Hugging Face dataset: {type(e).__name__}: {e}") from e
 
 
+class CorpusError(ValueError):
+    """The corpus is readable but unusable as configured (e.g. a missing text field)."""
+
+
 def iter_documents(cfg: DataConfig, source: Source | None = None) -> Iterator[str]:
     """Yield the documents of the source in a fixed order (at most `cfg.max_docs`)."""
     source = source or resolve_source(cfg)
     if source.kind == "kjv":
         docs: Iterator[str] = iter(kjv_documents())
+    elif source.kind == "local":
+        docs = _local_texts(cfg, source)
     else:
-        ds = _load_hf(cfg, source)
-        field = "text" if source.builder == "text" else cfg.text_field
-        docs = _texts(ds, field, cfg.source)
+        docs = _texts(_load_hf(cfg, source), cfg.text_field, cfg.source)
     n = 0
     for d in docs:
         if cfg.max_docs is not None and n >= cfg.max_docs:
@@ -130,9 +139,77 @@ def iter_documents(cfg: DataConfig, source: Source | None = None) -> Iterator[st
 def _texts(ds, field: str, name: str) -> Iterator[str]:
     for i, rec in enumerate(ds):
         if field not in rec:
-            raise ValueError(f"record {i} of {name!r} has no field {field!r} (fields: "
+            raise CorpusError(f"record {i} of {name!r} has no field {field!r} (fields: "
                              f"{sorted(rec)}); set --text-field")
         yield rec[field]
+
+
+@contextlib.contextmanager
+def _quiet_json_loader():
+    """`datasets`' json builder logs its parse error before raising it; we report it ourselves."""
+    log = logging.getLogger("datasets.packaged_modules.json.json")
+    before, log.disabled = log.disabled, True
+    try:
+        yield
+    finally:
+        log.disabled = before
+
+
+def _local_texts(cfg: DataConfig, source: Source) -> Iterator[str]:
+    field = "text" if source.builder == "text" else cfg.text_field
+    try:
+        with _quiet_json_loader():
+            yield from _texts(_load_hf(cfg, source), field, cfg.source)
+    except CorpusError:
+        raise
+    except Exception as e:  # noqa: BLE001 - datasets wraps decode/parse errors in its own types
+        raise ValueError(_unreadable(source, e)) from e
+
+
+def _unreadable(source: Source, e: Exception) -> str:
+    """Why `datasets` could not read the local files: the first bad file and line if we can find
+    it (only read on this failure path), else the innermost error."""
+    for f in source.files:
+        problem = _file_problem(Path(f), source.builder)
+        if problem:
+            return f"cannot read data file {f}: {problem}"
+    if all(not Path(f).read_bytes().strip() for f in source.files):
+        return f"corpus {', '.join(source.files)} is empty (no non-blank documents)"
+    root: BaseException = e
+    while root.__cause__ or root.__context__:
+        root = root.__cause__ or root.__context__
+    return f"cannot read data file(s) {', '.join(source.files)}: {type(root).__name__}: {root}"
+
+
+def _file_problem(path: Path, builder: str | None) -> str | None:
+    data = path.read_bytes()
+    if b"\x00" in data:
+        return "it looks binary (it contains NUL bytes); give a UTF-8 text file"
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as u:
+        line = data[: u.start].count(b"\n") + 1
+        return (f"not UTF-8 text (byte 0x{data[u.start]:02x} on line {line}); "
+                f"convert it to UTF-8")
+    if builder != "json" or (path.suffix == ".json" and _is_json(text)):
+        return None
+    for i, line in enumerate(text.split("\n"), 1):
+        if line.strip():
+            try:
+                rec = json.loads(line)
+            except ValueError as j:
+                return f"line {i} is not valid JSON ({j}); a .jsonl file holds one object per line"
+            if not isinstance(rec, dict):
+                return f"line {i} is a JSON {type(rec).__name__}, not an object"
+    return None
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+        return True
+    except ValueError:
+        return False
 
 
 def is_validation(doc: str, val_fraction: float) -> bool:

@@ -11,10 +11,13 @@ resumable order.
 - Streaming sources (hub datasets): sequences come in stream order (hub corpora such as C4 are
   pre-shuffled); the cursor is the number of sequences consumed, and a resume re-reads the stream
   up to it (deterministic, costs tokenization time, never needs the stream's internal state).
-The cursor is a dict of ints: `state_dict()` / `load_state_dict()`.
+The cursor is a dict of ints: `state_dict()` / `load_state_dict()`. `fingerprint()` hashes what
+the cursor indexes into (the packed token rows and the tokenizer); a checkpoint stores it and a
+resume refuses data that changed since.
 """
 from __future__ import annotations
 
+import hashlib
 from typing import Iterator
 
 import torch
@@ -69,6 +72,12 @@ class InMemoryData:
     def state_dict(self) -> dict:
         return dict(self.cursor)
 
+    def fingerprint(self) -> dict:
+        """What a resume must find unchanged: the tokenizer and the packed rows (hashes, counts)."""
+        return {"tokenizer": self.tokenizer.fingerprint, "vocab_size": self.tokenizer.vocab_size,
+                "train_sequences": len(self.train), "train_sha256": _digest(self.train),
+                "val_sequences": len(self.val), "val_sha256": _digest(self.val)}
+
     def load_state_dict(self, state: dict) -> None:
         self.cursor = {"epoch": int(state["epoch"]), "pos": int(state["pos"])}
 
@@ -77,9 +86,9 @@ class StreamingData(InMemoryData):
     """Sequences from a streamed dataset; validation is materialised once (it is small)."""
 
     def __init__(self, cfg: DataConfig, source: Source, tokenizer: Tokenizer, seed: int,
-                 val: torch.Tensor):
+                 val: torch.Tensor, corpus: str = ""):
         super().__init__(torch.empty(0, cfg.seq_len, dtype=torch.long), val, tokenizer, seed)
-        self.cfg, self.source = cfg, source
+        self.cfg, self.source, self.corpus = cfg, source, corpus
         self.cursor = {"epoch": 0, "pos": 0}
         self._it: Iterator[torch.Tensor] | None = None
 
@@ -110,6 +119,15 @@ class StreamingData(InMemoryData):
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self._it = None
+
+    def fingerprint(self) -> dict:
+        """The training rows are never materialised: the corpus id (files' size and mtime, or the
+        hub name) stands for them."""
+        return {**super().fingerprint(), "corpus": self.corpus}
+
+
+def _digest(rows: torch.Tensor) -> str:
+    return hashlib.sha256(rows.contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
 def _packed_stream(docs, tokenizer: Tokenizer, seq_len: int) -> Iterator[torch.Tensor]:
@@ -150,14 +168,11 @@ def build_data(cfg: DataConfig, seed: int, val_sequences: int = 64) -> InMemoryD
             flags[-1] = True  # tiny corpora: never leave validation empty by bad luck
         train_docs = [d for d, v in zip(docs, flags) if not v]
         val_docs = [d for d, v in zip(docs, flags) if v]
-        train = pack(tok.encode_batch(train_docs), tok.eos_id, cfg.seq_len)
-        val = pack(tok.encode_batch(val_docs), tok.eos_id, cfg.seq_len)
-        if len(train) == 0:
-            raise ValueError(f"corpus {cfg.source!r} has fewer than seq_len={cfg.seq_len} "
-                             f"training tokens; lower --seq-len or add text")
-        if cfg.val_fraction > 0 and len(val) == 0:
-            raise ValueError(f"validation split of {cfg.source!r} has fewer than "
-                             f"seq_len={cfg.seq_len} tokens; raise --val-fraction or add text")
+        train_ids, val_ids = tok.encode_batch(train_docs), tok.encode_batch(val_docs)
+        train = pack(train_ids, tok.eos_id, cfg.seq_len)
+        val = pack(val_ids, tok.eos_id, cfg.seq_len)
+        if len(train) == 0 or (cfg.val_fraction > 0 and len(val) == 0):
+            raise ValueError(_too_small(cfg, source, len(train) == 0, train_ids, val_ids))
         return InMemoryData(train, val, tok, seed)
 
     tok = load_tokenizer(cfg.tokenizer, vocab_size=cfg.vocab_size, corpus_id=cid,
@@ -167,7 +182,29 @@ def build_data(cfg: DataConfig, seed: int, val_sequences: int = 64) -> InMemoryD
     rows = _first(_packed_stream(val_docs, tok, cfg.seq_len), val_sequences) \
         if cfg.val_fraction > 0 else []
     val = torch.stack(rows) if rows else torch.empty(0, cfg.seq_len, dtype=torch.long)
-    return StreamingData(cfg, source, tok, seed, val)
+    return StreamingData(cfg, source, tok, seed, val, cid)
+
+
+def _too_small(cfg: DataConfig, source, train_short: bool, train_ids, val_ids) -> str:
+    """Which split is too short, with the document and token counts behind it."""
+    n_docs = len(train_ids) + len(val_ids)
+    ids = train_ids if train_short else val_ids
+    tokens = sum(len(i) + 1 for i in ids)
+    split = "training" if train_short else "validation"
+    msg = (f"the {split} split of {cfg.source!r} is too small: {n_docs} document(s) read, "
+           f"{len(ids)} of them in {split} with {tokens} tokens, fewer than one sequence of "
+           f"--seq-len {cfg.seq_len}")
+    if n_docs == 1 and source.builder == "text":
+        msg += ("; a text file is split into documents at blank lines, and this one has none, "
+                "so it is one document (put a blank line between documents, or use .jsonl)")
+    elif n_docs == 1:
+        msg += "; one document cannot be split into training and validation: add documents"
+    elif train_short:
+        msg += "; lower --seq-len or add text"
+    else:
+        msg += (f"; documents go to validation by hash with probability --val-fraction "
+                f"{cfg.val_fraction}: raise it, add documents, or lower --seq-len")
+    return msg
 
 
 def _first(it, n: int) -> list:

@@ -4,6 +4,9 @@
 tokens/s over the window's training time only, optimizer-state bytes, peak memory) and `eval`
 (token-weighted validation loss and its exponential, the perplexity). `overlap.jsonl` holds one
 record per subspace refresh of a projected parameter: `{step, name, overlap, refresh_count}`.
+A process killed mid-write leaves a torn last line (no newline, not valid JSON): readers drop it,
+since it is what every crash may leave; an unreadable line anywhere else is an error naming the
+file and line.
 """
 from __future__ import annotations
 
@@ -23,8 +26,10 @@ class JsonlWriter:
             return
         if resume_step is None:
             self.path.write_text("")
-        else:  # drop records written after the checkpoint we resume from
-            keep = [r for r in read_jsonl(self.path) if r.get("step", 0) <= resume_step]
+        else:  # drop records written after the checkpoint we resume from, and the evaluation of
+            # that step itself: it runs after the checkpoint is saved, so the resume redoes it
+            keep = [r for r in read_jsonl(self.path) if r.get("step", 0) < resume_step or
+                    (r.get("step", 0) == resume_step and r.get("event") != "eval")]
             self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
 
     def write(self, record: dict) -> None:
@@ -34,10 +39,37 @@ class JsonlWriter:
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
+    """The records of a .jsonl file ([] if it does not exist); a torn last line is dropped."""
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text(errors="replace")
+    lines = text.split("\n")  # a complete file ends with "\n": its last piece is ""
+    out = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except ValueError as e:
+            if i == len(lines):  # no newline after it: the write was cut short
+                break
+            raise ValueError(f"{path}: line {i} is not valid JSON ({e}); fix or remove it") from None
+    return out
+
+
+def write_summary(path: str | Path, summary: dict, ran_steps: bool) -> None:
+    """Write a run's summary.json. A resume that ran no step (it only redid the final
+    evaluation) measured no speed or memory: it keeps the earlier call's values."""
+    path = Path(path)
+    if not ran_steps and path.exists():
+        try:
+            old = json.loads(path.read_text())
+        except ValueError:
+            old = {}
+        for k in ("tokens_per_s", "refresh_time_s", "peak_memory_mb"):
+            summary[k] = old.get(k) if summary.get(k) is None else summary[k]
+    path.write_text(json.dumps(summary, indent=1))
 
 
 def reset_peak_memory(device: torch.device) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -53,6 +54,8 @@ def _mean_std(xs: list) -> tuple[float | None, float | None]:
     xs = [x for x in xs if x is not None]
     if not xs:
         return None, None
+    if not all(math.isfinite(x) for x in xs):  # a diverged seed (ppl inf): no spread to show
+        return statistics.fmean(xs), None
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 

@@ -3,7 +3,8 @@ tokenizer by name or path.
 
 Both are wrapped in `Tokenizer`, which exposes only what the data pipeline needs: `encode_batch`,
 `vocab_size` and `eos_id` (appended after every document so packing never glues two documents
-together silently).
+together silently), and `fingerprint`, a hash of the tokenizer's full definition that a
+checkpoint stores so a resume can refuse a retrained or different tokenizer.
 """
 from __future__ import annotations
 
@@ -28,6 +29,22 @@ class Tokenizer:
         self.eos_id = eos_id
         self.identity = identity  # a stable string naming this exact tokenizer (for caches)
         self.backend = backend
+        self._fingerprint: str | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 (16 hex digits) of the serialised vocabulary and merges."""
+        if self._fingerprint is None:
+            b = self.backend
+            b = getattr(b, "backend_tokenizer", b)  # transformers' fast tokenizers wrap one
+            if hasattr(b, "to_str"):
+                text = b.to_str()
+            elif hasattr(b, "get_vocab"):
+                text = repr(sorted(b.get_vocab().items()))
+            else:
+                text = f"{self.identity}|{self.vocab_size}|{self.eos_id}"
+            self._fingerprint = hashlib.sha256(text.encode()).hexdigest()[:16]
+        return self._fingerprint
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return self._encode(texts)
@@ -64,7 +81,11 @@ def load_tokenizer(spec: str, *, vocab_size: int, corpus_id: str,
         key = hashlib.sha256(f"{corpus_id}|{vocab_size}".encode()).hexdigest()[:16]
         path = default_cache_dir(cache_dir) / "tokenizers" / f"bpe-{vocab_size}-{key}.json"
         if path.exists():
-            tok = HFTok.from_file(str(path))
+            try:
+                tok = HFTok.from_file(str(path))
+            except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception
+                raise ValueError(f"cached tokenizer {path} is unreadable ({e}); delete it and it "
+                                 f"is trained again") from e
         else:
             tok = train_bpe(corpus_texts(), vocab_size)
             path.parent.mkdir(parents=True, exist_ok=True)

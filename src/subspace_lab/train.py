@@ -7,12 +7,17 @@ checkpoint is written), or skips the update and counts it (policy 'skip'). bf16 
 fp32 on CPU (bf16 is ~28x slower on CPU). Under `torchrun` the model is wrapped in DDP; rank 0
 writes metrics.jsonl, overlap.jsonl and checkpoints. Tokens/s counts training time only
 (evaluation and checkpointing are outside the timed window).
+Order after a step: metrics, then the checkpoint, then (after the last step) summary.json, and
+only then the evaluation: a run whose evaluation fails keeps its checkpoint and summary, and a
+resume redoes the evaluation of the step it resumes from. A perplexity too large for a float
+is `inf`. Resuming (and what it refuses) is `resume.py`.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,9 +28,11 @@ from . import checkpoint as ckpt
 from . import distributed as D
 from .config import TrainConfig
 from .data import build_data
-from .metrics import JsonlWriter, peak_memory_mb, reset_peak_memory, rss_mb
+from .metrics import JsonlWriter, peak_memory_mb, reset_peak_memory, rss_mb, write_summary
 from .models import build_model, check_seq_len, count_params, lm_nll
 from .optimizers import build_optimizer, diagnostics, options_from_config, state_bytes
+from .preflight import prepare_out_dir, preflight
+from .resume import check_settings, find_checkpoint, resume
 from .schedule import warmup_cosine
 
 
@@ -67,7 +74,15 @@ def evaluate(model, data, cfg: TrainConfig, info: D.DistInfo, device, autocast) 
     if count.item() == 0:
         return {"val_loss": None, "val_ppl": None, "val_tokens": 0}
     loss = (nll / count).item()
-    return {"val_loss": loss, "val_ppl": math.exp(loss), "val_tokens": int(count.item())}
+    return {"val_loss": loss, "val_ppl": perplexity(loss), "val_tokens": int(count.item())}
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss); `inf` once it overflows a double (a diverged run is a result, not a crash)."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf
 
 
 def _refresh_overhead(opt_times: dict[bool, list[float]]) -> float | None:
@@ -80,38 +95,29 @@ def _refresh_overhead(opt_times: dict[bool, list[float]]) -> float | None:
     return sum(max(0.0, t - base) for t in refresh)
 
 
-def _checkpoint_objects(model, opt, sched, data, step, skipped, cfg) -> dict:
+def _checkpoint_objects(model, opt, sched, data, step, skipped, cfg, world_size, total) -> dict:
     return {"model": model.state_dict(), "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict(),
             "trainer": {"step": step, "skipped_steps": skipped, "data": data.state_dict(),
                         "rng": ckpt.capture_rng(), "config": cfg.to_dict(),
-                        "versions": ckpt.versions()}}
+                        "data_fingerprint": data.fingerprint(), "world_size": world_size,
+                        "total_steps": total, "versions": ckpt.versions()}}
 
 
-_MUST_MATCH = ("model", "data", "optim", "batch_size", "grad_accum", "seed", "steps", "tokens",
-               "warmup_fraction", "min_lr_ratio", "clip", "nonfinite")
-
-
-def _resume(path, model, opt, sched, data, cfg) -> tuple[int, int]:
-    state = ckpt.load_checkpoint(path)
-    saved = state["trainer"]["config"]
-    now = cfg.to_dict()
-    diff = [k for k in _MUST_MATCH if saved.get(k) != now.get(k)]
-    if diff:
-        raise ValueError(f"cannot resume from {path}: config differs in {diff} "
-                         f"(saved {[saved.get(k) for k in diff]}, now {[now.get(k) for k in diff]})")
-    model.load_state_dict(state["model"])
-    opt.load_state_dict(state["optimizer"])
-    sched.load_state_dict(state["scheduler"])
-    data.load_state_dict(state["trainer"]["data"])
-    ckpt.restore_rng(state["trainer"]["rng"])
-    return int(state["trainer"]["step"]), int(state["trainer"]["skipped_steps"])
+def _summary(result: TrainResult, cfg: TrainConfig, device) -> dict:
+    summary = {k: getattr(result, k) for k in (
+        "steps", "final_val_loss", "final_val_ppl", "optimizer_state_bytes", "tokens_per_s",
+        "refresh_time_s", "peak_memory_mb", "skipped_steps")}
+    summary.update(optimizer=cfg.optim.name, lr=cfg.optim.lr, seed=cfg.seed,
+                   peak_memory_kind="cuda_max_allocated" if device.type == "cuda"
+                   else "cpu_rss_sampled")
+    return summary
 
 
 def train(cfg: TrainConfig, data=None) -> TrainResult:
     """Run (or resume) one pretraining run described by `cfg`. `data` may be prebuilt (compare
     builds it once for all optimizers); it must come from `build_data(cfg.data, cfg.seed)`."""
-    cfg.validate()
+    preflight(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     dev_type = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -122,10 +128,15 @@ def train(cfg: TrainConfig, data=None) -> TrainResult:
     out = Path(cfg.out_dir)
     ckpt_root = out / "checkpoints"
     if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+        prepare_out_dir(out)
+        ckpt.clean_leftovers(ckpt_root)
         if not cfg.resume and ckpt.list_valid(ckpt_root):
             raise ValueError(f"{out} already holds checkpoints; pass --resume to continue that "
                              f"run or choose another --out-dir")
+    # before any data is built: refusing to resume must cost nothing and touch nothing
+    latest = find_checkpoint(ckpt_root, clean=False) if cfg.resume else None
+    if latest is not None:
+        check_settings(latest, cfg, info.world_size, cfg.total_steps(info.world_size))
     if data is None:  # rank 0 first, so only it trains and caches the tokenizer
         if not info.is_main:
             D.barrier(info)
@@ -140,10 +151,14 @@ def train(cfg: TrainConfig, data=None) -> TrainResult:
     total = cfg.total_steps(info.world_size)
     sched = warmup_cosine(opt, total, cfg.warmup_fraction, cfg.min_lr_ratio)
     step, skipped = 0, 0
-    latest = ckpt.find_latest_valid(ckpt_root, clean=info.is_main) if cfg.resume else None
     D.barrier(info)
     if latest is not None:
-        step, skipped = _resume(latest, model, opt, sched, data, cfg)
+        step, skipped, saved_total = resume(latest, model, opt, sched, data, cfg,
+                                            info.world_size, total)
+        if saved_total not in (None, total) and info.is_main:
+            print(f"[resume] {latest.name}: the run had {saved_total} steps, now {total}; the LR "
+                  f"schedule is recomputed over {total} steps from step {step} on",
+                  file=sys.stderr, flush=True)
     raw_model = model
     if info.enabled:
         model = torch.nn.parallel.DistributedDataParallel(
@@ -164,6 +179,30 @@ def train(cfg: TrainConfig, data=None) -> TrainResult:
             "versions": ckpt.versions()}, indent=1))
 
     result = TrainResult(str(out), total, skipped_steps=skipped, model=raw_model, optimizer=opt)
+
+    def eval_due(s: int) -> bool:
+        return s > 0 and (bool(cfg.eval_every and s % cfg.eval_every == 0) or s == total)
+
+    def run_eval() -> None:
+        ev = {"event": "eval", "step": step, "tokens": step * tokens_per_step,
+              **evaluate(model, data, cfg, info, device, autocast)}
+        metrics.write(ev)
+        result.evals.append(ev)
+
+    def summarise(with_eval: bool) -> None:
+        """Fill the result (every rank); rank 0 writes summary.json. Without `with_eval` the
+        validation fields are None: written before a final evaluation that may fail."""
+        last_eval = result.evals[-1] if result.evals and with_eval else {}
+        result.final_val_loss, result.final_val_ppl = last_eval.get("val_loss"), last_eval.get("val_ppl")
+        result.optimizer_state_bytes = state_bytes(opt)
+        result.tokens_per_s = all_tokens / all_time if all_time > 0 else None
+        result.peak_memory_mb = (torch.cuda.max_memory_allocated(device) / 2**20
+                                 if device.type == "cuda" else run_rss or None)
+        result.skipped_steps = skipped
+        result.refresh_time_s = _refresh_overhead(opt_times)
+        if info.is_main:
+            write_summary(out / "summary.json", _summary(result, cfg, device),
+                          ran_steps=bool(result.losses))
     refreshes = {d["name"]: d["refresh_count"] for d in diagnostics(opt)}
     opt_times: dict[bool, list[float]] = {False: [], True: []}
     bar = None
@@ -174,6 +213,10 @@ def train(cfg: TrainConfig, data=None) -> TrainResult:
     all_tokens, all_time, run_rss = 0, 0.0, 0.0
     reset_peak_memory(device)
     model.train()
+    if latest is not None and eval_due(step):  # it ran after the checkpoint: redo it
+        if step == total:
+            summarise(with_eval=False)
+        run_eval()
     while step < total:
         t0, t_opt = time.perf_counter(), None
         loss_sum = torch.zeros((), device=device)
@@ -240,38 +283,21 @@ def train(cfg: TrainConfig, data=None) -> TrainResult:
                 "rss_peak_mb": win_rss or None, "skipped_steps": skipped, "train_time_s": all_time})
             win_tokens, win_time, win_losses, win_rss = 0, 0.0, [], 0.0
             reset_peak_memory(device)
-        if (cfg.eval_every and step % cfg.eval_every == 0) or step == total:
-            ev = {"event": "eval", "step": step, "tokens": step * tokens_per_step,
-                  **evaluate(model, data, cfg, info, device, autocast)}
-            metrics.write(ev)
-            result.evals.append(ev)
         stop = cfg.stop_at is not None and step >= cfg.stop_at
         if stop or (cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == total)):
             if info.is_main:
                 ckpt.save_checkpoint(ckpt_root, step, _checkpoint_objects(
-                    raw_model, opt, sched, data, step, skipped, cfg), cfg.keep_last_k)
+                    raw_model, opt, sched, data, step, skipped, cfg, info.world_size, total),
+                    cfg.keep_last_k)
             D.barrier(info)
+        if step == total:  # before the final evaluation, which may fail
+            summarise(with_eval=False)
+        if eval_due(step):
+            run_eval()
         if stop:
             break
     if bar is not None:
         bar.close()
-
-    last_eval = result.evals[-1] if result.evals else {}
-    result.final_val_loss, result.final_val_ppl = last_eval.get("val_loss"), last_eval.get("val_ppl")
-    result.optimizer_state_bytes = state_bytes(opt)
-    result.tokens_per_s = all_tokens / all_time if all_time > 0 else None
-    result.peak_memory_mb = (torch.cuda.max_memory_allocated(device) / 2**20
-                             if device.type == "cuda" else run_rss or None)
-    result.skipped_steps = skipped
-    result.refresh_time_s = _refresh_overhead(opt_times)
-    if info.is_main:
-        summary = {k: getattr(result, k) for k in (
-            "steps", "final_val_loss", "final_val_ppl", "optimizer_state_bytes", "tokens_per_s",
-            "refresh_time_s",
-            "peak_memory_mb", "skipped_steps")}
-        summary.update(optimizer=cfg.optim.name, lr=cfg.optim.lr, seed=cfg.seed,
-                       peak_memory_kind="cuda_max_allocated" if device.type == "cuda"
-                       else "cpu_rss_sampled")
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    summarise(with_eval=True)
     D.teardown(info)
     return result

@@ -1,4 +1,5 @@
 """H1 atomic checkpoint, H2 crash mid-write (exception and SIGKILL), H4 keep_last_k."""
+import errno
 import json
 import os
 import signal
@@ -70,9 +71,8 @@ def test_exception_during_save_loses_nothing(tmp_path, monkeypatch):  # H2 (a)
     with pytest.raises(OSError, match="simulated"):
         ckpt.save_checkpoint(tmp_path, 20, _objs(20.0), keep_last_k=1)
     monkeypatch.setattr(torch, "save", real_save)
-    assert (tmp_path / "step-000020.tmp").exists()
+    assert not (tmp_path / "step-000020.tmp").exists()      # the partial folder is removed at once
     assert ckpt.find_latest_valid(tmp_path) == first       # the resume picks the old one
-    assert not (tmp_path / "step-000020.tmp").exists()      # and the partial folder is gone
     assert ckpt.load_checkpoint(first)["trainer"]["step"] == 10
 
 
@@ -133,3 +133,59 @@ def test_rng_states_round_trip_weights_only(tmp_path):
     ckpt.restore_rng(torch.load(tmp_path / "rng.pt", weights_only=True))
     b = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(a[0], b[0]) and (a[1] == b[1]).all() and a[2] == b[2]
+
+
+def test_sigkill_during_purge_leaves_no_half_deleted_checkpoint(tmp_path):  # H4
+    script = textwrap.dedent(f"""
+        import os, pathlib, shutil, signal, torch
+        from subspace_lab import checkpoint as ckpt
+        objs = {{"model": {{"w": torch.ones(3)}}, "optimizer": {{"x": 1}}, "trainer": {{"step": 1}}}}
+        ckpt.save_checkpoint({str(tmp_path)!r}, 1, objs, keep_last_k=1)
+        def killed_midway(path, *a, **k):  # one file gone, then the kill
+            pathlib.Path(path, "optimizer.pt").unlink()
+            os.kill(os.getpid(), signal.SIGKILL)
+        shutil.rmtree = killed_midway
+        ckpt.save_checkpoint({str(tmp_path)!r}, 2, objs, keep_last_k=1)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script])
+    assert proc.returncode == -signal.SIGKILL
+    assert ckpt.find_latest_valid(tmp_path) == tmp_path / "step-000002"  # cleans on start
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000002"]
+
+
+def test_interrupted_resave_keeps_the_only_copy(tmp_path):
+    ckpt.save_checkpoint(tmp_path, 7, _objs(1.0))
+    os.replace(tmp_path / "step-000007", tmp_path / "step-000007.old")  # killed between renames
+    assert ckpt.find_latest_valid(tmp_path) == tmp_path / "step-000007"
+    assert ckpt.load_checkpoint(tmp_path / "step-000007")["optimizer"]["lr"] == 1.0
+
+
+class _FullDisk:
+    """A file whose writes fail with ENOSPC after `room` bytes, like a disk that fills up."""
+
+    def __init__(self, f, room: int):
+        self.f, self.room = f, room
+
+    def write(self, b):
+        self.room -= len(b)
+        if self.room < 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return self.f.write(b)
+
+    def flush(self):
+        self.f.flush()
+
+
+def test_disk_full_during_save_is_one_clear_error(tmp_path, monkeypatch):
+    first = ckpt.save_checkpoint(tmp_path, 10, _objs(10.0), keep_last_k=1)
+    real_save = torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, f, *a, **k: real_save(obj, _FullDisk(f, 200)))
+    with pytest.raises(ckpt.CheckpointWriteError) as info:
+        ckpt.save_checkpoint(tmp_path, 20, _objs(20.0), keep_last_k=1)
+    msg = str(info.value)
+    assert "\n" not in msg and "step-000020" in msg and "No space left on device" in msg
+    assert f"the previous checkpoint {first} is intact" in msg
+    assert info.value.errno == errno.ENOSPC
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000010"]
+    monkeypatch.setattr(torch, "save", real_save)
+    assert ckpt.load_checkpoint(ckpt.find_latest_valid(tmp_path))["trainer"]["step"] == 10

@@ -1,6 +1,7 @@
 """CLI smoke tests: `subspace pretrain`, `subspace compare` on a tiny budget, `subspace report`."""
 import csv
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -94,3 +95,62 @@ def test_lr_sweep_parsing_and_best_marking():
     assert [a.get("best", False) for a in agg] == [False, True]
     assert agg[1]["final_val_loss"][0] == pytest.approx(3.8)
     assert "| galore | 0.01 (best) | 2 | 3.800 ± 0.141 |" in markdown_table(rows)
+
+
+def test_compare_help_shows_compare_defaults(capsys):
+    from subspace_lab.compare import default_compare_config
+    with pytest.raises(SystemExit):
+        main(["compare", "--help"])
+    text = " ".join(capsys.readouterr().out.split()).split("options:", 1)[1]  # not the usage
+    d = default_compare_config()
+    for flag, value in [("--steps INT", d.steps), ("--batch-size INT", d.batch_size),
+                        ("--update-proj-gap INT", d.optim.update_proj_gap),
+                        ("--eval-every INT", d.eval_every), ("--out-dir STR", d.out_dir),
+                        ("--threads INT", d.threads)]:
+        shown = re.search(re.escape(flag) + r" .*?\(default: ([^)]*)\)", text).group(1)
+        assert shown == str(value), flag
+    assert (d.steps, d.batch_size, d.optim.update_proj_gap, d.out_dir) == \
+        (600, 8, 12, "runs/compare")
+
+
+def test_compare_tokens_budget_replaces_its_default_steps():
+    import argparse
+
+    from subspace_lab.compare import default_compare_config
+    from subspace_lab.config import add_config_args, config_from_args
+    p = argparse.ArgumentParser()
+    add_config_args(p)
+    cfg = config_from_args(p.parse_args(["--tokens", "4096"]), base=default_compare_config())
+    assert cfg.total_steps() == 4096 // (8 * 128)
+
+
+@pytest.mark.parametrize("command", ["pretrain", "compare"])
+def test_rank_at_projected_dimension_warns_before_training(tmp_path, lab_cache, capsys,
+                                                            monkeypatch, command):
+    import subspace_lab.compare as C
+    import subspace_lab.train as T
+
+    def no_training(*a, **k):
+        raise ValueError("stopped before any data was built")
+    monkeypatch.setattr(T, "build_data", no_training)
+    monkeypatch.setattr(C, "build_data", no_training)
+    opt = ["--optimizer", "galore"] if command == "pretrain" else ["--optimizers", "adamw,galore,i3s"]
+    argv = [command, *_common(lab_cache), "--rank", "32", *opt, "--out-dir", str(tmp_path / "w")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("warning: --rank 32 is >= the smaller dimension of 14 of the 14 "
+                             "projected weights of model 'micro'")
+    assert ("galore, i3s project nothing" if command == "compare" else "galore projects nothing") in err[0]
+    assert "stopped before any data was built" in err[1]
+    assert main([command, *_common(lab_cache), "--rank", "8", *opt,
+                 "--out-dir", str(tmp_path / "w")]) == 2
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_report_of_diverged_seeds_shows_inf():
+    from subspace_lab.report import markdown_table
+    row = dict(optimizer="galore", lr=1e3, optimizer_state_mb=1.0, peak_memory_mb=1.0,
+               peak_memory_kind="cpu_rss_sampled", tokens_per_s=1.0)
+    rows = [{**row, "seed": s, "final_val_loss": 1e8 + s, "final_val_ppl": float("inf")}
+            for s in (0, 1)]
+    assert "| galore | 1000 | 2 | 100000000.500 ± 0.707 | inf |" in markdown_table(rows)

@@ -1,5 +1,6 @@
 """The loop: H5 non-finite loss, H8 gradient accumulation, H9 metrics honesty, LR schedule,
 overlap records."""
+import json
 import math
 import time
 
@@ -154,3 +155,45 @@ def test_overlap_records_per_refresh(tmp_path, lab_cache):
     assert all(0.0 <= r["overlap"] <= 1.0 + 1e-5 for r in recs)
     T.train(make_cfg(tmp_path / "a", lab_cache, optim__name="adamw", steps=3))
     assert read_jsonl(tmp_path / "a" / "overlap.jsonl") == []
+
+
+def _huge_eval_loss(monkeypatch):
+    """A diverged model: finite training losses, a validation NLL far beyond exp's range."""
+    real = T.lm_nll
+
+    def fake(model, x):
+        nll, n = real(model, x)
+        return (nll * 1e4, n) if not torch.is_grad_enabled() else (nll, n)
+    monkeypatch.setattr(T, "lm_nll", fake)
+
+
+def test_diverged_run_reports_inf_perplexity(tmp_path, lab_cache, monkeypatch):
+    _huge_eval_loss(monkeypatch)
+    res = T.train(make_cfg(tmp_path / "d", lab_cache, steps=4, checkpoint_every=2))
+    assert res.final_val_loss > 1e4 and res.final_val_ppl == math.inf
+    summary = json.loads((tmp_path / "d" / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["final_val_ppl"] == math.inf
+    assert ckpt.find_latest_valid(tmp_path / "d" / "checkpoints").name == "step-000004"
+
+
+def test_checkpoint_and_summary_come_before_the_final_evaluation(tmp_path, lab_cache, monkeypatch):
+    real_eval = T.evaluate
+
+    def failing_eval(*a, **k):
+        raise RuntimeError("evaluation failed (simulated)")
+    monkeypatch.setattr(T, "evaluate", failing_eval)
+    cfg = make_cfg(tmp_path / "f", lab_cache, steps=4, eval_every=0, checkpoint_every=3)
+    with pytest.raises(RuntimeError, match="simulated"):
+        T.train(cfg)
+    assert ckpt.find_latest_valid(tmp_path / "f" / "checkpoints").name == "step-000004"
+    summary = json.loads((tmp_path / "f" / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["final_val_loss"] is None
+    assert summary["tokens_per_s"] > 0
+    monkeypatch.setattr(T, "evaluate", real_eval)
+    cfg.resume = True  # a resume of the finished run redoes only its final evaluation
+    res = T.train(cfg)
+    assert res.losses == [] and res.final_val_loss is not None
+    evals = [r for r in read_jsonl(tmp_path / "f" / "metrics.jsonl") if r["event"] == "eval"]
+    assert [e["step"] for e in evals] == [4]
+    summary = json.loads((tmp_path / "f" / "summary.json").read_text())
+    assert summary["final_val_loss"] == res.final_val_loss and summary["tokens_per_s"] > 0

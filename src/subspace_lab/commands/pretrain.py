@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 
 def add_parser(subparsers) -> None:
@@ -17,14 +18,20 @@ def add_parser(subparsers) -> None:
 
 def run(args) -> int:
     from ..config import config_from_args
+    from ..preflight import preflight, rank_warning
     from ..train import train
 
     cfg = config_from_args(args)
+    preflight(cfg)
+    main_rank = os.environ.get("RANK", "0") == "0"
+    warning = rank_warning(cfg, [cfg.optim.name])
+    if warning and main_rank:
+        print(warning, file=sys.stderr, flush=True)
     result = train(cfg)
     summary = {"out_dir": result.out_dir, "steps": result.steps,
                "final_val_loss": result.final_val_loss, "final_val_ppl": result.final_val_ppl,
                "optimizer_state_mb": result.optimizer_state_bytes / 2**20,
                "tokens_per_s": result.tokens_per_s, "skipped_steps": result.skipped_steps}
-    if os.environ.get("RANK", "0") == "0":
+    if main_rank:
         print(json.dumps(summary, indent=1))
     return 0
