@@ -33,7 +33,7 @@ class NoFeedback:
     def momentum_mass(self, state: dict, inner, basis: torch.Tensor) -> torch.Tensor | None:
         return None
 
-    def lost_momentum(self, before, state: dict, inner, old: torch.Tensor, new: torch.Tensor):
+    def lost_momentum(self, before, state: dict, inner, old: torch.Tensor, new: torch.Tensor, shard=None):
         return None
 
     def store(self, state: dict, corrected: torch.Tensor, basis: torch.Tensor, reduced: torch.Tensor,
@@ -58,10 +58,10 @@ class ErrorFeedback(NoFeedback):
             return None
         return basis @ state[inner.first_moments[0]].to(torch.float32)
 
-    def lost_momentum(self, before, state, inner, old, new):
+    def lost_momentum(self, before, state, inner, old, new, shard=None):
         """The momentum mass a change of basis dropped: ``P_old m_old - P_new m~`` (None if the
-        basis did not change or the rule keeps no momentum)."""
-        if before is None or torch.equal(old, new):
+        basis did not change, on every process of a sharded weight, or the rule keeps no momentum)."""
+        if before is None or (torch.equal(old, new) if shard is None else shard.all_equal(old, new)):
             return None
         return before - self.momentum_mass(state, inner, new)
 

@@ -42,7 +42,12 @@ def svd_gram_fp32(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if scale == 0 or not torch.isfinite(scale):
         return svd_fp32(a)
     a = a / scale
-    evals, evecs = torch.linalg.eigh(a @ a.T)  # ascending
+    return gram_factors(a @ a.T, scale)
+
+
+def gram_factors(gram: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``U``, ``S`` (descending) of ``A`` from the Gram matrix ``(A / scale) (A / scale)^T`` (k, k)."""
+    evals, evecs = torch.linalg.eigh(gram)  # ascending
     s = evals.flip(0).clamp_(min=0).sqrt_().mul_(scale)
     return canonical_signs(evecs.flip(1)), s
 

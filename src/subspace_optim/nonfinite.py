@@ -17,25 +17,51 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
+import torch.distributed as dist
+
+from .sharding import is_dtensor, local
 
 
 def first_nonfinite(work):
-    """``(key, param)`` of the first non-finite gradient in ``work`` (group, key, param), else None."""
+    """``(key, param)`` of the first non-finite gradient in ``work`` (group, key, param), else None.
+
+    Sharded (``DTensor``) gradients are screened on their local shards, then one all-reduce tells
+    every process whether any shard was bad and which parameter came first, so all processes take
+    the same decision (and name the same parameter).
+    """
     if not work:
         return None
-    by_device = {}
-    for _, key, p in work:
-        by_device.setdefault(p.grad.device, []).append(p.grad)
-    # Fast screen: a NaN or Inf makes its tensor's sum non-finite, and a sum reads the gradient
-    # once without allocating a mask. One synchronisation per device. Only a non-finite sum
-    # (a bad value, or, practically never, a finite overflow) triggers the exact search.
-    if all(bool(torch.stack([g.sum(dtype=torch.float32) for g in grads]).isfinite().all())
-           for grads in by_device.values()):
+    grads = [local(p.grad) for _, _, p in work]
+    bad = _any_nonfinite(grads)
+    group = next((p.grad.device_mesh.get_group() for _, _, p in work if is_dtensor(p.grad)), None)
+    if group is not None:
+        bad = _all_reduce_flag(float(bad), dist.ReduceOp.MAX, group, grads[0].device) > 0
+    if not bad:
         return None
-    for _, key, p in work:
-        if not bool(p.grad.isfinite().all()):
-            return key, p
-    return None
+    first = next((i for i, g in enumerate(grads) if not bool(g.isfinite().all())), len(work))
+    if group is not None:
+        first = int(_all_reduce_flag(float(first), dist.ReduceOp.MIN, group, grads[0].device))
+    if first == len(work):  # a finite sum overflowed: no bad value after all
+        return None
+    _, key, p = work[first]
+    return key, p
+
+
+def _any_nonfinite(grads) -> bool:
+    by_device = {}
+    for g in grads:
+        by_device.setdefault(g.device, []).append(g)
+    # Fast screen: a NaN or Inf makes its tensor's sum non-finite, and a sum reads the gradient
+    # once without allocating a mask. One synchronisation per device. A non-finite sum (a bad value,
+    # or, practically never, a finite overflow) makes the caller search exactly.
+    return not all(bool(torch.stack([g.sum(dtype=torch.float32) for g in gs]).isfinite().all())
+                   for gs in by_device.values())
+
+
+def _all_reduce_flag(value: float, op, group, device) -> float:
+    flag = torch.tensor(value, dtype=torch.float64, device=device)
+    dist.all_reduce(flag, op=op, group=group)
+    return float(flag)
 
 
 @contextmanager

@@ -19,7 +19,7 @@ from .error_feedback import FEEDBACK_STAGES
 from .exact_state import ExactStateMixin
 from .functional import apply_update, back_project, left_form, project
 from .inner import INNER_RULES
-from .linalg import subspace_overlap
+from .sharding import local, shards_of
 from .nonfinite import PendingSkips, all_or_nothing, first_nonfinite
 from .selectors import SELECTORS, SelectionContext
 from .sides import projects_left, two_sided
@@ -157,6 +157,9 @@ class SubspaceOptimizer(ExactStateMixin, Optimizer):
         self._default_subspace = subspace
         self._warned_full_rank = False
         self._pending_skips = PendingSkips()
+        # bytes this process sent into the collectives of sharded (FSDP2) weights, by kind
+        # ("step", "refresh"); zero it to measure a window
+        self.communication: dict[str, int] = {}
         options = {k: v for k, v in component_options.items() if k in owned}
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank,
@@ -248,6 +251,7 @@ class SubspaceOptimizer(ExactStateMixin, Optimizer):
         state.setdefault("_default_subspace", None)
         state.setdefault("_warned_full_rank", False)
         state.setdefault("_pending_skips", PendingSkips())
+        state.setdefault("communication", {})
         super().__setstate__(state)
         self.register_state_dict_pre_hook(SubspaceOptimizer._fold_pending_skips)
         for group in self.param_groups:  # dicts saved by older versions lack newer keys
@@ -401,23 +405,43 @@ class SubspaceOptimizer(ExactStateMixin, Optimizer):
             # plain ints: the refresh schedule reads them without a host sync (torch.compile)
             state.update(step=0, inner_step=0, refresh_count=0, project_left=left,
                          refresh_phase=self._refresh_phase(group, p))
-        grad = feedback.corrected_gradient(state, left_form(p.grad, left), left)  # (k, l) fp32
-        lost = self._refresh_if_due(group, key, p, state, grad, rank, inner, feedback)
-        basis = state["projector"]  # (k, r) fp32, orthonormal columns
-        right = state.get("projector_right")  # (l, r), two-sided projections only
-        state["step"] += 1
-        state["inner_step"] += 1
-        reduced = project(basis, grad, right).to(state_dtype(p))  # (r, l), or (r, r) two-sided
-        feedback.store(state, grad, basis, reduced, lost, inner.feedback_coefficient(group), left)
-        d = inner.direction(reduced, state, group, state["inner_step"])
+        kind = "refresh" if self._refresh_due(group, state) else "step"
+        shard = shards_of(p, left, self.communication, kind)
+        # a sharded weight (FSDP2) steps on its local shards, with the same arithmetic
+        view = {k: local(v) for k, v in state.items()} if shard.sharded else state
+        grad = feedback.corrected_gradient(view, left_form(local(p.grad), left), left)  # (k, l) fp32
+        lost = self._refresh_if_due(group, key, p, view, grad, rank, inner, feedback, shard)
+        basis = view["projector"]  # (k, r) fp32, orthonormal columns
+        right = view.get("projector_right")  # (l, r), two-sided projections only
+        view["step"] += 1
+        view["inner_step"] += 1
+        reduced = shard.sum_k(project(basis, grad, right)).to(state_dtype(p))  # (r, l), or (r, r) two-sided
+        feedback.store(view, grad, basis, reduced, lost, inner.feedback_coefficient(group), left)
+        d = inner.direction(reduced, view, group, view["inner_step"])
         update = back_project(basis, d.ratio().to(torch.float32), left, right)
         step_size = d.step_size(group["lr"])
         if inner.sign_after_backprojection:
             update = update.sign()  # Lion: the sign makes the scale irrelevant
         else:
             step_size = step_size * group["scale"]
-        apply_update(p, update.to(p.dtype), None, step_size, group["lr"], group["weight_decay"],
+        apply_update(local(p), update.to(p.dtype), None, step_size, group["lr"], group["weight_decay"],
                      inner.decay_after_update)
+        if shard.sharded:
+            self._store_sharded(state, view, shard, group, inner)
+
+    @staticmethod
+    def _store_sharded(state: dict, view: dict, shard, group: dict, inner) -> None:
+        """Write a sharded weight's local step back: plain values as they are, new local tensors as
+        ``DTensor``s placed like what they describe (``sharding.py``); tensors updated in place are
+        the DTensors' own shards already."""
+        basis_keys = {"projector", *SELECTORS.lookup(group["selector"]).basis_state_keys}
+        for key, value in view.items():
+            if not isinstance(value, torch.Tensor):
+                state[key] = value
+            elif key not in state or local(state[key]) is not value:
+                role = ("basis" if key in basis_keys else "moments" if key in inner.state_keys
+                        else "param" if key == error_feedback.BUFFER else "replicated")
+                state[key] = shard.wrap(value, role)
 
     def _refresh_phase(self, group: dict, p: torch.Tensor) -> int:
         """0, or with ``stagger_refresh`` this weight's share ``i * gap // n`` of the refresh gap."""
@@ -427,27 +451,28 @@ class SubspaceOptimizer(ExactStateMixin, Optimizer):
         index = next(i for i, q in enumerate(projected) if q is p)
         return index * group["update_proj_gap"] // len(projected)
 
-    def _refresh_if_due(self, group, key, p, state, grad, rank, inner, feedback):
+    def _refresh_if_due(self, group, key, p, state, grad, rank, inner, feedback, shard):
         """Select a new basis when due and move the inner state to it; returns the momentum mass the
         change of basis lost (for error feedback), else None."""
         if not self._refresh_due(group, state):
             return None
         selector = SELECTORS.lookup(group["selector"])
         previous = state.get("projector")
-        ctx = SelectionContext(state, group, key, state["refresh_count"], inner)
+        ctx = SelectionContext(state, group, key, state["refresh_count"], inner, shard)
         basis = selector.select(grad, previous, rank, ctx)
         if two_sided(group["side"]):  # the right basis: the same selector on G^T, its own random stream
-            right_ctx = SelectionContext(state, group, key + "/right", state["refresh_count"], inner)
+            right_shard = shards_of(p, False, self.communication, "refresh")
+            right_ctx = SelectionContext(state, group, key + "/right", state["refresh_count"], inner, right_shard)
             state["projector_right"] = selector.select(grad.T, state.get("projector_right"), rank, right_ctx)
         lost = None
         if previous is None:
             cols = rank if two_sided(group["side"]) else grad.shape[1]
-            inner.init_state(state, torch.empty((rank, cols), dtype=state_dtype(p), device=p.device))
+            inner.init_state(state, torch.empty((rank, cols), dtype=state_dtype(p), device=grad.device))
         else:
-            state["overlap"] = subspace_overlap(previous, basis)
+            state["overlap"] = shard.overlap(previous, basis)
             before = feedback.momentum_mass(state, inner, previous)
-            TRANSITIONS.lookup(group["transition"]).apply(state, inner, previous, basis, group)
-            lost = feedback.lost_momentum(before, state, inner, previous, basis)
+            TRANSITIONS.lookup(group["transition"]).apply(state, inner, previous, basis, group, shard)
+            lost = feedback.lost_momentum(before, state, inner, previous, basis, shard)
         state["projector"] = basis
         state["refresh_count"] += 1
         return lost

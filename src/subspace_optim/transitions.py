@@ -14,27 +14,30 @@ from __future__ import annotations
 import torch
 
 from .components import Component, Registry
+from .sharding import WHOLE, Whole
 
 
 class Transition(Component):
     """Base class: ``apply`` updates the inner state in place for a change of basis."""
 
-    def apply(self, state: dict, inner, old: torch.Tensor, new: torch.Tensor, group: dict) -> None:
-        """Update ``state`` in place for the change of basis ``old`` (k, r) -> ``new`` (k, r)."""
+    def apply(self, state: dict, inner, old: torch.Tensor, new: torch.Tensor, group: dict,
+              shard: Whole = WHOLE) -> None:
+        """Update ``state`` in place for the change of basis ``old`` (k, r) -> ``new`` (k, r); on a
+        sharded weight the bases are this process's rows (``sharding.py``)."""
         raise NotImplementedError
 
 
 class Keep(Transition):
     name = "keep"
 
-    def apply(self, state, inner, old, new, group) -> None:
+    def apply(self, state, inner, old, new, group, shard=WHOLE) -> None:
         pass
 
 
 class Reset(Transition):
     name = "reset"
 
-    def apply(self, state, inner, old, new, group) -> None:
+    def apply(self, state, inner, old, new, group, shard=WHOLE) -> None:
         for key in inner.state_keys:
             state[key].zero_()
         state["inner_step"] = 0
@@ -56,11 +59,11 @@ class Rotate(Transition):
 
     name = "rotate"
 
-    def apply(self, state, inner, old, new, group) -> None:
+    def apply(self, state, inner, old, new, group, shard=WHOLE) -> None:
         steps_done = state["inner_step"]
-        if steps_done == 0 or torch.equal(old, new):
+        if steps_done == 0 or shard.all_equal(old, new):
             return
-        c = new.T @ old  # (r, r), fp32
+        c = shard.sum_k(new.T @ old)  # (r, r), fp32
         firsts = {key: state[key].to(torch.float32) for key in inner.first_moments}
         rotated = {key: c @ m for key, m in firsts.items()}
         if inner.second_moments:

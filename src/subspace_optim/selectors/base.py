@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from ..components import Component
-from ..linalg import SVD_METHODS
 from ..rng import generator_for
+from ..sharding import WHOLE, Whole
 
 
 @dataclass
@@ -31,14 +31,18 @@ class SelectionContext:
     key: str
     refresh_index: int
     inner: object = None  # the group's inner rule (``inner.InnerRule``), for selectors that read it
+    # how the weight is split across processes (``sharding.py``): gradients and bases a selector sees
+    # are this process's shards, and it contracts / gathers through these operations
+    shard: Whole = WHOLE
 
     def generator(self, device: torch.device | str) -> torch.Generator:
         return generator_for(self.group["seed"], self.key, self.refresh_index, device)
 
     def factorize(self, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``U`` (k, min(k, l)) and ``S`` of ``grad`` by the group's ``svd_method``, in fp32; None
-        for an all-zero (or empty) gradient, which carries no direction to choose from."""
-        u, s = SVD_METHODS[self.group.get("svd_method", "svd")](grad)
+        """``U`` (k, min(k, l)) and ``S`` of the whole gradient (``grad`` is this process's shard) by
+        the group's ``svd_method``, in fp32; None for an all-zero (or empty) gradient, which carries
+        no direction to choose from. The same on every process."""
+        u, s = self.shard.factorize(grad, self.group.get("svd_method", "svd"))
         if s.numel() == 0 or s[0] == 0:
             return None
         return u, s
@@ -49,6 +53,7 @@ class Selector(Component):
     ``update_proj_gap`` steps (and at a parameter's first step)."""
 
     every_step = False
+    basis_state_keys: tuple[str, ...] = ()  # state shaped like the basis (k, r): sharded like it
 
     def check_state(self, state: dict, group: dict, where: str) -> None:
         """Raise ``ValueError`` (prefixed by ``where``) if a loaded ``state`` lacks what this selector
@@ -77,16 +82,17 @@ def dominant_basis(grad: torch.Tensor, previous: torch.Tensor | None, rank: int,
     for an all-zero gradient: GaLore's subspace, and the first basis of the every-step selectors."""
     factors = ctx.factorize(grad)
     if factors is None:
-        return zero_gradient_basis(previous, grad.shape[0], rank, grad.device)
-    return factors[0][:, :rank].contiguous()  # (k, r), orthonormal columns
+        return zero_gradient_basis(previous, grad.shape[0], rank, grad.device, ctx.shard)
+    return ctx.shard.rows(factors[0][:, :rank]).contiguous()  # (k, r), orthonormal columns
 
 
-def zero_gradient_basis(previous: torch.Tensor | None, rows: int, rank: int, device) -> torch.Tensor:
+def zero_gradient_basis(previous: torch.Tensor | None, rows: int, rank: int, device,
+                        shard: Whole = WHOLE) -> torch.Tensor:
     """The documented basis for an all-zero gradient, which carries no direction to choose from.
 
     Keep the previous basis if there is one; at a parameter's first step use the first ``rank``
-    coordinate axes (a deterministic, orthonormal choice).
+    coordinate axes (a deterministic, orthonormal choice). ``rows`` is this process's k.
     """
     if previous is not None:
         return previous
-    return torch.eye(rows, rank, dtype=torch.float32, device=device)
+    return shard.rows(torch.eye(shard.whole_shape((rows, 0))[0], rank, dtype=torch.float32, device=device))

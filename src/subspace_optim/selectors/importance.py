@@ -55,12 +55,12 @@ class ImportanceSelector(Selector):
     def select(self, grad, previous, rank, ctx: SelectionContext) -> torch.Tensor:
         factors = ctx.factorize(grad)
         if factors is None:
-            return zero_gradient_basis(previous, grad.shape[0], rank, grad.device)
+            return zero_gradient_basis(previous, grad.shape[0], rank, grad.device, ctx.shard)
         u, s = factors
-        nonzero = numerically_nonzero(s, tuple(grad.shape))
+        nonzero = numerically_nonzero(s, ctx.shard.whole_shape(grad.shape))
         if int(nonzero.sum()) <= rank:
-            return u[:, :rank].contiguous()
+            return ctx.shard.rows(u[:, :rank]).contiguous()
         weights = torch.where(nonzero, s, torch.zeros_like(s))
         weights = weights / weights.sum()
         idx = sample_without_replacement(weights, rank, ctx.generator(grad.device))
-        return u[:, idx].contiguous()  # (k, r), orthonormal columns
+        return ctx.shard.rows(u[:, idx]).contiguous()  # (k, r), orthonormal columns

@@ -37,6 +37,7 @@ import torch
 
 from ..checks import check_choice, check_real
 from ..linalg import orthonormalize
+from ..sharding import WHOLE, Whole
 from .base import SelectionContext, Selector, dominant_basis
 
 OSD_VARIANTS = ("paper", "code")
@@ -46,22 +47,24 @@ CODE_P_WEIGHT_DECAY = 0.01  # torch.optim.AdamW's default, which the official co
 P_BETAS, P_EPS = (0.9, 0.999), 1e-8  # torch.optim.AdamW's defaults, as in the code
 
 
-def online_pca_gradient(basis: torch.Tensor, grad: torch.Tensor, penalty: float) -> torch.Tensor:
+def online_pca_gradient(basis: torch.Tensor, grad: torch.Tensor, penalty: float, shard: Whole = WHOLE) -> torch.Tensor:
     """Gradient w.r.t. ``basis`` P (k, r) of ``||P P^T G~ - G~||_F^2 + penalty ||P^T P - I||_F^2``,
     with ``G~ = grad / ||grad||_F`` (the gradient is zero for a zero ``grad``). All fp32.
 
     With ``B = P^T G~`` (r, l), ``E = P B - G~`` and ``S = P^T P - I``: the reconstruction term's
     gradient is ``2 (E B^T + G~ E^T P) = 2 (P (B B^T) + G~ B^T (S - I))``, so only two (k, l, r)
-    matmuls and no (k, l) temporary (the normalisation is applied to the small factors).
+    matmuls and no (k, l) temporary (the normalisation is applied to the small factors). On a
+    sharded weight ``basis`` and ``grad`` are this process's shards and every contraction over the
+    sharded side is summed across processes (``shard``).
     """
-    norm = torch.linalg.matrix_norm(grad)
+    norm = shard.frobenius_norm(grad)
     eye = torch.eye(basis.shape[1], dtype=basis.dtype, device=basis.device)
-    s = basis.T @ basis - eye  # (r, r)
+    s = shard.sum_k(basis.T @ basis) - eye  # (r, r)
     if norm == 0:  # G~ = 0: only the penalty acts
         out = torch.zeros_like(basis)
     else:
-        b = (basis.T @ grad) / norm  # (r, l)
-        out = 2 * (basis @ (b @ b.T) + (grad @ (b.T @ (s - eye))) / norm)  # (k, r)
+        b = shard.sum_k(basis.T @ grad) / norm  # (r, l)
+        out = 2 * (basis @ shard.sum_l(b @ b.T) + shard.sum_l(grad @ (b.T @ (s - eye))) / norm)  # (k, r)
     if penalty:
         out += (4 * penalty) * (basis @ s)
     return out
@@ -94,6 +97,7 @@ class OnlinePCASelector(Selector):
     name = "online_pca"
     every_step = True
     exact_state_keys = ("osd_exp_avg", "osd_exp_avg_sq", "osd_grad")
+    basis_state_keys = exact_state_keys
     defaults = {"osd_variant": "paper", "osd_alpha": 5.0, "osd_p_optimizer": "adam", "osd_orthonormalize": True}
 
     def validate(self, group: dict) -> None:
@@ -121,7 +125,7 @@ class OnlinePCASelector(Selector):
         if previous is None:
             basis = dominant_basis(grad, None, rank, ctx)
         else:
-            basis = self._apply_pending(previous, state, p_opt, group["osd_orthonormalize"])
+            basis = self._apply_pending(previous, state, p_opt, group["osd_orthonormalize"], ctx.shard)
         if "osd_step" not in state or _kind(state) != p_opt:
             self._init_state(state, basis, p_opt)
         if variant == "code":
@@ -134,7 +138,7 @@ class OnlinePCASelector(Selector):
             # rounding noise of computing it would be blown up to a full-size step by Adam.
             g_p = torch.zeros_like(basis)
         else:
-            g_p = online_pca_gradient(basis, grad, penalty)
+            g_p = online_pca_gradient(basis, grad, penalty, ctx.shard)
         if variant == "paper":
             lr_p, wd_p = group["osd_alpha"] * group["lr"], group["weight_decay"]
         else:
@@ -161,7 +165,8 @@ class OnlinePCASelector(Selector):
         state["osd_lr"], state["osd_weight_decay"] = 0.0, 0.0
 
     @staticmethod
-    def _apply_pending(previous: torch.Tensor, state: dict, p_opt: str, orthonormal: bool) -> torch.Tensor:
+    def _apply_pending(previous: torch.Tensor, state: dict, p_opt: str, orthonormal: bool,
+                       shard: Whole = WHOLE) -> torch.Tensor:
         steps = state.get("osd_step", 0)
         if steps == 0 or _kind(state) != p_opt:
             return previous
@@ -174,4 +179,4 @@ class OnlinePCASelector(Selector):
             basis.addcdiv_(state["osd_exp_avg"], denom, value=-lr / bias_correction1)
         else:
             basis.add_(state["osd_grad"], alpha=-lr)
-        return orthonormalize(basis) if orthonormal else basis
+        return shard.rows(orthonormalize(shard.gather_rows(basis))) if orthonormal else basis

@@ -48,7 +48,8 @@ class PowerSelector(Selector):
         if momentum is not None:
             rho = group["rho"]
             b = rho * (previous @ momentum) + (1 - rho) * grad  # (k, l)
-        iterated = b @ (b.T @ previous)  # (k, r)
-        if not bool(iterated.any()):
+        shard = ctx.shard  # sums over the sharded side of each contraction (identity when whole)
+        iterated = shard.sum_l(b @ shard.sum_k(b.T @ previous))  # (k, r)
+        if not shard.any(iterated):
             return previous
-        return orthonormalize(iterated)  # (k, r), orthonormal columns
+        return shard.rows(orthonormalize(shard.gather_rows(iterated)))  # (k, r), orthonormal columns

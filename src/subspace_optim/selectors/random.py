@@ -16,7 +16,8 @@ class RandomSelector(Selector):
     name = "random"
 
     def select(self, grad, previous, rank, ctx: SelectionContext) -> torch.Tensor:
-        return random_orthonormal(grad.shape[0], rank, ctx.generator(grad.device), grad.device)
+        k = ctx.shard.whole_shape(grad.shape)[0]
+        return ctx.shard.rows(random_orthonormal(k, rank, ctx.generator(grad.device), grad.device))
 
 
 class CoordinateSelector(Selector):
@@ -26,4 +27,5 @@ class CoordinateSelector(Selector):
     name = "coordinate"
 
     def select(self, grad, previous, rank, ctx: SelectionContext) -> torch.Tensor:
-        return torch.eye(grad.shape[0], rank, dtype=torch.float32, device=grad.device)
+        k = ctx.shard.whole_shape(grad.shape)[0]
+        return ctx.shard.rows(torch.eye(k, rank, dtype=torch.float32, device=grad.device))
