@@ -19,7 +19,8 @@ from .error_feedback import FEEDBACK_STAGES
 from .exact_state import ExactStateMixin
 from .functional import apply_update, back_project, left_form, project
 from .inner import INNER_RULES
-from .sharding import local, shards_of
+from .grouped import FOREACH_RULES, bucket_key, dense_grouped_step, grouped_step
+from .sharding import is_dtensor, local, shards_of
 from .nonfinite import PendingSkips, all_or_nothing, first_nonfinite
 from .selectors import SELECTORS, SelectionContext
 from .sides import projects_left, two_sided
@@ -39,6 +40,11 @@ BASE_EXACT_STATE_KEYS = ("step", "projector", "projector_right")
 def component_defaults() -> dict:
     """The group keys owned by the registered selectors, transitions and inner rules."""
     return {**SELECTORS.defaults(), **TRANSITIONS.defaults(), **INNER_RULES.defaults()}
+
+
+def _use_foreach(group: dict, p: torch.Tensor) -> bool:
+    """The group's ``foreach``; None means on for CUDA tensors, as torch.optim's default."""
+    return p.is_cuda if group["foreach"] is None else group["foreach"]
 
 
 def state_dtype(param: torch.Tensor) -> torch.dtype:
@@ -112,6 +118,9 @@ class SubspaceOptimizer(ExactStateMixin, Optimizer):
         subspace (bool or None, None): default for groups that set neither ``subspace`` nor a GaLore
             key; None means dense, as in galore-torch.
         nonfinite (str, "error"): ``error`` or ``skip``.
+        foreach (bool or None, None): the grouped path for ordinary steps (``grouped.py``): batched
+            matmuls over same-shaped weights and foreach inner updates; None means on for CUDA
+            tensors, as torch.optim's default.
         **component_options: the options of the components, each documented and validated by its
             component: ``momentum`` (``inner="sgd"``, 0.9), ``correct_bias`` (``inner="adam"``,
             True), ``rho`` (``selector="power"``, 0.908), ``osd_variant``, ``osd_alpha``,
@@ -145,6 +154,7 @@ class SubspaceOptimizer(ExactStateMixin, Optimizer):
         error_feedback: bool = False,
         svd_method: str = "svd",
         stagger_refresh: bool = False,
+        foreach: bool | None = None,
         **component_options,
     ):
         validate_nonfinite(nonfinite)
@@ -165,7 +175,7 @@ class SubspaceOptimizer(ExactStateMixin, Optimizer):
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank,
             update_proj_gap=update_proj_gap, scale=scale, side=side, selector=selector,
             transition=transition, inner=inner, seed=seed, skipped_steps=0,
-            error_feedback=error_feedback, svd_method=svd_method, stagger_refresh=stagger_refresh,
+            error_feedback=error_feedback, svd_method=svd_method, stagger_refresh=stagger_refresh, foreach=foreach,
             **{**owned, **options},
             differentiable=False,  # torch.optim adds it on load; present from the start keeps state_dicts equal
         )
@@ -323,11 +333,31 @@ class SubspaceOptimizer(ExactStateMixin, Optimizer):
         return loss
 
     def _update_all(self, work) -> None:
+        buckets: dict[tuple, list] = {}  # the grouped (foreach) path's batches
         for group, key, p in work:
+            state = self.state.get(p)
             if self._is_projected(group, p):
-                self._subspace_update(group, key, p)
+                if self._groupable(group, p, state):
+                    buckets.setdefault(bucket_key(id(group), p, state), []).append((group, p))
+                else:
+                    self._subspace_update(group, key, p)
+            elif state and _use_foreach(group, p) and group["inner"] == "adam" and not is_dtensor(p):
+                buckets.setdefault(("dense", id(group), p.device), []).append((group, p))
             else:
                 self._dense_update(group, p)
+        for key, members in buckets.items():
+            group, params = members[0][0], [p for _, p in members]
+            states = [self.state[p] for p in params]
+            if key[0] == "dense":
+                dense_grouped_step(group, params, states)
+            else:
+                grouped_step(group, params, states, INNER_RULES.lookup(group["inner"]), state_dtype(params[0]))
+
+    def _groupable(self, group: dict, p: torch.Tensor, state: dict | None) -> bool:
+        """An ordinary step the grouped path can take (``grouped.py``)."""
+        return (bool(state) and _use_foreach(group, p) and group["inner"] in FOREACH_RULES
+                and not group["error_feedback"] and not two_sided(group["side"]) and not is_dtensor(p)
+                and not self._refresh_due(group, state))
 
     def _any_refresh_due(self, work) -> bool:
         return any(self._is_projected(group, p) and self._refresh_due(group, self.state.get(p))

@@ -23,6 +23,8 @@ def validate_group(group: dict) -> None:
         check_real(f"betas[{i}]", beta, 0.0, 1.0)
     check_real("weight_decay", group["weight_decay"], 0.0)
     check_bool("subspace", group["subspace"])
+    if group["foreach"] is not None:
+        check_bool("foreach", group["foreach"])
     check_choice("inner", group["inner"], sorted(INNER_RULES))
     INNER_RULES.validate(group)
     if not group["subspace"]:
