@@ -20,13 +20,25 @@ and the remaining slots are filled with the next singular vectors in spectrum or
 equals the dominant (GaLore) basis; an all-zero gradient keeps the previous basis (or takes the first
 r coordinate axes at the first step); ``r >= min(m, n)`` is clipped by the optimizer, which makes
 the selection the whole space.
+
+With ``svd_method="randomized"`` only a *pool* of the top ``K = min(ceil(importance_pool * r),
+min(k, l))`` triplets is computed (``randomized.py``) and step 3 runs on the pool: the law is
+successive sampling with weights ``s^_i 1{i <= K}``, where ``s^`` are the randomized estimates of
+the top singular values, so directions past ``K`` are never drawn. With exact ``s`` its total
+variation distance to the full law is exactly the probability that the full law draws at least one
+index past ``K`` (derivation and measurements on real gradients: ``docs/refresh.md``); ``svd`` and
+``gram`` stay the exact, full-spectrum paths and ignore ``importance_pool``.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .base import SelectionContext, Selector, numerically_nonzero, zero_gradient_basis
+from ..checks import check_real
+from ..randomized import pool_size
+from .base import SelectionContext, SpectralSelector, numerically_nonzero, zero_gradient_basis
+
+DEFAULT_POOL = 2.0
 
 
 def sample_without_replacement(weights: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
@@ -47,16 +59,31 @@ def sample_without_replacement(weights: torch.Tensor, count: int, generator: tor
     return torch.sort(picked).values.to(weights.device)
 
 
-class ImportanceSelector(Selector):
-    """r singular vectors drawn without replacement with probability proportional to sigma."""
+class ImportanceSelector(SpectralSelector):
+    """r singular vectors drawn without replacement with probability proportional to sigma.
+
+    Group key: ``importance_pool`` (float, 2.0, >= 1): with ``svd_method="randomized"``, draw from
+    the top ``ceil(importance_pool * r)`` triplets only (see the module docstring).
+    """
 
     name = "importance"
+    defaults = {"importance_pool": DEFAULT_POOL}
 
-    def select(self, grad, previous, rank, ctx: SelectionContext) -> torch.Tensor:
-        factors = ctx.factorize(grad)
+    def validate(self, group: dict) -> None:
+        check_real("importance_pool", group["importance_pool"], 1.0)
+
+    def triplets(self, rank, shape, group) -> int | None:
+        if group.get("svd_method", "svd") != "randomized":
+            return None  # the exact law samples from the whole spectrum
+        return pool_size(rank, group.get("importance_pool", DEFAULT_POOL), shape)
+
+    def choose(self, factors, grad, previous, rank, ctx: SelectionContext) -> torch.Tensor:
         if factors is None:
             return zero_gradient_basis(previous, grad.shape[0], rank, grad.device)
         u, s = factors
+        pool = self.triplets(rank, tuple(grad.shape), ctx.group)
+        if pool is not None:  # a sketch as large as the matrix returns every triplet: keep the pool's law
+            u, s = u[:, :pool], s[:pool]
         nonzero = numerically_nonzero(s, tuple(grad.shape))
         if int(nonzero.sum()) <= rank:
             return u[:, :rank].contiguous()
