@@ -12,6 +12,23 @@ from __future__ import annotations
 import torch
 
 
+def lapack(routine, matrix: torch.Tensor):
+    """``routine(matrix)`` for one matrix (..., k, l); on CPU one matrix of a batch at a time.
+
+    torch's batched CPU linalg kernels are a loop over the batch anyway, but they hand MKL each
+    matrix at its offset in the batch, and MKL's results depend on the memory alignment of its input
+    (measured: ``eigh`` of 13x13 matrices differs in the last bits). Called one at a time, every
+    matrix gets its own freshly allocated copy, so a batch gives the same bits as each matrix alone.
+    On CUDA the batched kernels run as they are.
+    """
+    if matrix.dim() == 2 or matrix.device.type != "cpu":
+        return routine(matrix)
+    flat = matrix.reshape(-1, *matrix.shape[-2:])
+    parts = [routine(m) for m in flat]
+    return tuple(torch.stack([p[i] for p in parts]).reshape(*matrix.shape[:-2], *parts[0][i].shape)
+                 for i in range(len(parts[0])))
+
+
 def svd_fp32(matrix: torch.Tensor, count: int | None = None, test_matrix=None
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Thin SVD of ``matrix`` (..., k, l) in fp32: ``U`` (..., k, min(k, l)) and ``S`` (..., min(k, l)).
@@ -24,8 +41,10 @@ def svd_fp32(matrix: torch.Tensor, count: int | None = None, test_matrix=None
     """
     a = matrix.detach().to(torch.float32)
     try:
-        u, s, _ = torch.linalg.svd(a, full_matrices=False)
+        u, s, _ = lapack(lambda m: torch.linalg.svd(m, full_matrices=False), a)
     except torch.linalg.LinAlgError:
+        if a.dim() > 2:  # one at a time, so that only the failing matrix is retried, as alone
+            return lapack(svd_fp32, a)
         u, s, _ = torch.linalg.svd(a.double(), full_matrices=False)
         u, s = u.float(), s.float()
     return canonical_signs(u), s
@@ -49,7 +68,7 @@ def svd_gram_fp32(matrix: torch.Tensor, count: int | None = None, test_matrix=No
     if not bool(torch.isfinite(scale).all()):
         return svd_fp32(a)
     a = a / torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero matrix stays zero
-    evals, evecs = torch.linalg.eigh(a @ a.mT)  # ascending
+    evals, evecs = lapack(torch.linalg.eigh, a @ a.mT)  # ascending
     s = evals.flip(-1).clamp_(min=0).sqrt_().mul_(scale[..., 0])
     return canonical_signs(evecs.flip(-1)), s
 

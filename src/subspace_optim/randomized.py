@@ -34,7 +34,7 @@ from typing import Callable
 import torch
 
 from .checks import check_int
-from .linalg import canonical_signs, svd_gram_fp32
+from .linalg import canonical_signs, lapack, svd_gram_fp32
 
 # Group keys of the randomized method, with their defaults (validated by ``validate_randomized``).
 RANDOMIZED_DEFAULTS = {"rsvd_oversampling": 8, "rsvd_power_iters": 1}
@@ -62,7 +62,7 @@ def sketch_width(count: int, oversampling: int, shape: tuple[int, ...]) -> int:
 
 
 def _orthonormal(matrix: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.qr(matrix, mode="reduced").Q
+    return lapack(lambda m: torch.linalg.qr(m, mode="reduced"), matrix)[0].contiguous()  # layout: see below
 
 
 def randomized_svd_fp32(matrix: torch.Tensor, count: int | None, test_matrix: TestMatrix | None,
@@ -94,8 +94,10 @@ def randomized_svd_fp32(matrix: torch.Tensor, count: int | None, test_matrix: Te
     small = q.mT @ a  # B (..., b, l)
     scale = small.abs().amax(dim=(-2, -1), keepdim=True)
     small = small / torch.where(scale > 0, scale, torch.ones_like(scale))
-    evals, evecs = torch.linalg.eigh(small @ small.mT)  # (..., b), ascending
-    top = evecs.flip(-1)[..., :count]  # (..., b, count)
+    evals, evecs = lapack(torch.linalg.eigh, small @ small.mT)  # (..., b), ascending
+    # contiguous: LAPACK returns column-major factors and a stacked batch is row-major, and a
+    # matmul's rounding depends on its operands' layout
+    top = evecs.flip(-1)[..., :count].contiguous()  # (..., b, count)
     s = evals.flip(-1)[..., :count].clamp(min=0).sqrt() * scale[..., 0]
     return canonical_signs(q @ top), s
 
