@@ -31,7 +31,7 @@ def energy_ratio(basis, a, r):
     return float(((basis.double().T @ a.double()) ** 2).sum() / (s[:r] ** 2).sum())
 
 
-def rsvd(a, count, seed=0, oversampling=8, power_iters=1):
+def rsvd(a, count, seed=0, oversampling=0.5, power_iters=1):
     return randomized_svd_fp32(a, count, gaussian_test_matrix(torch.Generator().manual_seed(seed)),
                                oversampling, power_iters)
 
@@ -51,10 +51,10 @@ def test_captures_the_energy_of_the_exact_subspace(shape, power_iters):
     assert u.shape == (shape[0], 8) and s.shape == (8,)
     torch.testing.assert_close(u.T @ u, torch.eye(8), atol=1e-5, rtol=0)
     # one pass each way already captures most of it; each power iteration sharpens it
-    assert energy_ratio(u, a, 8) >= (0.96, 0.999, 0.9999)[power_iters]
+    assert energy_ratio(u, a, 8) >= (0.94, 0.998, 0.9998)[power_iters]
     # the leading singular values are those of the exact SVD (Rayleigh-Ritz values, from below)
     s_ref = svd_fp32(a)[1][:8]
-    torch.testing.assert_close(s[:4], s_ref[:4], rtol=2e-3 if power_iters else 0.1, atol=0)
+    torch.testing.assert_close(s[:4], s_ref[:4], rtol=(0.25, 5e-3, 5e-4)[power_iters], atol=0)
     assert bool((s <= s_ref * (1 + 1e-4)).all())
 
 
@@ -74,7 +74,7 @@ def test_well_separated_vectors_match_the_exact_ones():
 
 def test_a_sketch_as_large_as_the_matrix_is_the_exact_gram_path():
     a = planted(12, 30, [3.0, 2.0, 1.0, 0.5, 0.2])
-    for count, oversampling in ((4, 8), (12, 0), (None, 8)):
+    for count, oversampling in ((4, 2.0), (12, 0.0), (None, 0.5)):
         u, s = rsvd(a, count, oversampling=oversampling)
         u_ref, s_ref = svd_gram_fp32(a)
         assert torch.equal(u, u_ref) and torch.equal(s, s_ref)
@@ -135,7 +135,7 @@ def test_first_step_of_every_step_selectors_uses_the_method(selector):
     first = get_selector(selector).select(a, None, 3, c)
     assert torch.equal(first, get_selector("dominant").select(a, None, 3, ctx(0)))
     assert not torch.equal(first, svd_fp32(a)[0][:, :3])  # really the randomized path (rounding differs)
-    assert energy_ratio(first, a, 3) > 0.999
+    assert energy_ratio(first, a, 3) > 0.998
 
 
 def test_methods_share_one_signature():
@@ -184,3 +184,17 @@ def test_i3s_pool_never_draws_past_the_pool():
         match = (exact_u.T @ basis).abs().argmax(dim=0)
         seen.update(match.tolist())
     assert max(seen) < pool * rank and len(seen) == pool * rank
+
+
+def test_pool_none_is_the_exact_law():
+    a = planted(40, 90, [1.0 / i ** 0.5 for i in range(1, 41)])
+    for i in range(3):
+        picks = [get_selector("importance").select(a, None, 4, SelectionContext(
+            {}, {"seed": 0, "svd_method": m, "importance_pool": None}, "w", i)) for m in ("gram", "randomized")]
+        assert torch.equal(*picks)
+
+
+def test_oversampling_is_relative_to_the_rank():
+    from subspace_optim.randomized import sketch_width
+    assert sketch_width(32, 0.5, (128, 352)) == 48 and sketch_width(512, 0.5, (2048, 5461)) == 768
+    assert sketch_width(100, 0.5, (120, 300)) == 120  # at most the matrix

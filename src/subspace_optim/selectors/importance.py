@@ -21,13 +21,15 @@ equals the dominant (GaLore) basis; an all-zero gradient keeps the previous basi
 r coordinate axes at the first step); ``r >= min(m, n)`` is clipped by the optimizer, which makes
 the selection the whole space.
 
-With ``svd_method="randomized"`` only a *pool* of the top ``K = min(ceil(importance_pool * r),
-min(k, l))`` triplets is computed (``randomized.py``) and step 3 runs on the pool: the law is
+With ``svd_method="randomized"`` and an ``importance_pool`` set, only a *pool* of the top
+``K = min(ceil(importance_pool * r), min(k, l))`` triplets is computed (``randomized.py``) and step 3 runs on the pool: the law is
 successive sampling with weights ``s^_i 1{i <= K}``, where ``s^`` are the randomized estimates of
 the top singular values, so directions past ``K`` are never drawn. With exact ``s`` its total
 variation distance to the full law is exactly the probability that the full law draws at least one
-index past ``K`` (derivation and measurements on real gradients: ``docs/refresh.md``); ``svd`` and
-``gram`` stay the exact, full-spectrum paths and ignore ``importance_pool``.
+index past ``K`` (derivation and measurements on real gradients: ``docs/refresh.md``). On gradients
+saved from lab runs that probability is 0.9-1 for pools up to 3 r: the pooled law is a different
+law, so the default ``importance_pool=None`` keeps the exact one (the whole spectrum, by the exact
+Gram path); ``svd`` and ``gram`` always take the whole spectrum.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from ..checks import check_real
 from ..randomized import pool_size
 from .base import SelectionContext, SpectralSelector, numerically_nonzero, zero_gradient_basis
 
-DEFAULT_POOL = 2.0
+DEFAULT_POOL = None  # the whole spectrum: the exact law (see the module docstring)
 
 
 def sample_without_replacement(weights: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
@@ -62,15 +64,17 @@ def sample_without_replacement(weights: torch.Tensor, count: int, generator: tor
 class ImportanceSelector(SpectralSelector):
     """r singular vectors drawn without replacement with probability proportional to sigma.
 
-    Group key: ``importance_pool`` (float, 2.0, >= 1): with ``svd_method="randomized"``, draw from
-    the top ``ceil(importance_pool * r)`` triplets only (see the module docstring).
+    Group key: ``importance_pool`` (None or a float >= 1, default None): with
+    ``svd_method="randomized"``, draw from the top ``ceil(importance_pool * r)`` triplets only, a
+    different law (see the module docstring); None samples the whole spectrum.
     """
 
     name = "importance"
     defaults = {"importance_pool": DEFAULT_POOL}
 
     def validate(self, group: dict) -> None:
-        check_real("importance_pool", group["importance_pool"], 1.0)
+        if group["importance_pool"] is not None:
+            check_real("importance_pool", group["importance_pool"], 1.0)
 
     def triplets(self, rank, shape, group) -> int | None:
         if group.get("svd_method", "svd") != "randomized":
