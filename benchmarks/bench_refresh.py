@@ -1,10 +1,12 @@
-"""Refresh cost: every projected weight of LLaMA 60M / 350M / 1B (GaLore's shapes) refreshed once, by
+"""Refresh cost: every projected weight of LLaMA 60M / 350M / 1B (GaLore's shapes, at the papers' ranks
+128 / 256 / 512) refreshed once, by
 galore-torch (full SVD), our exact paths (``svd``, ``gram``) and the randomized method (power
 iterations 0-3, and I3S's randomized pool), one CPU thread, timed interleaved (A, B, A, B, ...;
 medians). Per method: the time of a refresh of all weights (per shape median x count), its ratio to
 galore-torch side by side, the captured gradient energy ``||P^T G||_F^2`` relative to the exact
 top-r subspace's (worst shape), and the refresh cost amortised over ``--gap`` steps as a share of a
-training step (6 x params x GaLore's 131k-token batch, at the matmul rate measured in this run).
+training step (6 x params x GaLore's 131k-token batch, at the single-thread matmul rate measured
+between the timed refreshes, so under the same machine load).
 
 Spectra: ``gaussian`` (i.i.d.), ``decay`` (sigma_i ~ 1/i), ``real-profile`` (the flattest spectrum
 among the saved lab gradients, stretched to each shape) and, for the shapes of the saved gradients themselves,
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -43,11 +46,12 @@ def methods(ranks: list[int]) -> list[tuple[str, int | None, object]]:
     return out
 
 
-def measure(matrix: torch.Tensor, ranks: list[int], repeats: int) -> dict:
-    """{(name, rank): (median seconds, energy ratio or None)} for one matrix, interleaved."""
+def measure(matrix: torch.Tensor, ranks: list[int], repeats: int) -> tuple[dict, dict, float]:
+    """({(name, rank): median seconds}, {(name, rank): energy ratio}, matmul flop/s) for one matrix:
+    every method, and a matmul probe after each round, timed interleaved (same machine load)."""
     plan = methods(ranks)
     times = {(name, r): [] for name, r, _ in plan}
-    energy = {}
+    energy, rates = {}, []
     s = svd_fp32(left_form(matrix))[1].double()
     for rep in range(repeats):
         for name, r, refresh in plan:
@@ -57,7 +61,8 @@ def measure(matrix: torch.Tensor, ranks: list[int], repeats: int) -> dict:
             if rep == 0 and not name.startswith("i3s"):
                 for rr in ([r] if r else ranks):
                     energy[(name, rr)] = captured_energy(basis[:, :rr], matrix) / float((s[:rr] ** 2).sum())
-    return {key: statistics.median(ts) for key, ts in times.items()}, energy
+        rates.append(gemm_rate(0.2))
+    return {key: statistics.median(ts) for key, ts in times.items()}, energy, statistics.median(rates)
 
 
 def real_gradients(paths: str | None) -> dict[tuple[int, int], torch.Tensor]:
@@ -88,7 +93,7 @@ def flattest_profile(paths: str | None) -> torch.Tensor | None:
     return best
 
 
-def model_table(model: str, spectrum: str, ranks: list[int], repeats: int, gap: int, rate: float,
+def model_table(model: str, spectrum: str, ranks: list[int], repeats: int, gap: int,
                 real: dict, profile) -> list[str]:
     weights, layers, params = model_weights(model)
     per_shape = []
@@ -100,33 +105,34 @@ def model_table(model: str, spectrum: str, ranks: list[int], repeats: int, gap: 
         else:
             matrix = spectrum_matrix(spectrum, w, seed=i, real_profile=profile)
         per_shape.append((w, *measure(matrix, ranks, repeats)))
+    rate = statistics.median(r for *_, r in per_shape)
     step = step_seconds(params, rate)
     lines = [f"\n### {model}: {spectrum} spectra ({layers} layers, {sum(w.per_layer for w in weights) * layers} "
-             f"projected weights, {params / 1e6:.0f}M params; step estimate {step:.0f} s)\n",
+             f"projected weights, {params / 1e6:.0f}M params; matmul rate during the runs {rate / 1e9:.0f} GFLOP/s, "
+             f"step estimate {step:.0f} s)\n",
              "| method | rank | refresh of all weights (s) | galore-torch / method | captured energy (worst shape) | "
              f"refresh amortised over {gap} steps, share of a step |", "|---|---|---|---|---|---|"]
     keys = list(per_shape[0][1])
     peer = next((k for k in keys if k[0].startswith("galore-torch")), None)
     for r in ranks:
-        peer_total = sum(t[peer] * w.per_layer * layers for w, t, _ in per_shape) if peer else None
+        peer_total = sum(t[peer] * w.per_layer * layers for w, t, *_ in per_shape) if peer else None
         for key in keys:
             if key[1] not in (None, r):
                 continue
-            total = sum(t[key] * w.per_layer * layers for w, t, _ in per_shape)
-            energies = [e.get((key[0], r)) for _, _, e in per_shape]
+            total = sum(t[key] * w.per_layer * layers for w, t, *_ in per_shape)
+            energies = [e.get((key[0], r)) for _, _, e, _ in per_shape]
             worst = "sampled" if key[0].startswith("i3s") else f"{min(energies):.4f}"
             ratio = fmt_ratio(peer_total / total) if peer_total else "n/a"
             lines.append(f"| {key[0]} | {r} | {total:.2f} | {ratio} | {worst} | {100 * total / gap / step:.3f}% |")
     shapes = ", ".join(f"{w.left[0]}x{w.left[1]}: " + ", ".join(
-        f"{k[0]}{'' if k[1] is None else f' r={k[1]}'} {v:.3f}s" for k, v in t.items()) for w, t, _ in per_shape)
+        f"{k[0]}{'' if k[1] is None else f' r={k[1]}'} {v:.3f}s" for k, v in t.items()) for w, t, *_ in per_shape)
     lines.append(f"\nPer-weight medians: {shapes}\n")
     return lines
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="60m,350m,1b")
-    ap.add_argument("--ranks", default="128,256,512")
+    ap.add_argument("--models", default="60m:128,350m:256,1b:512", help="model:rank,... (the papers' ranks)")
     ap.add_argument("--spectra", default="decay,gaussian,real-profile,real")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--gap", type=int, default=200)
@@ -137,20 +143,19 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.quick:
-        args.models, args.ranks, args.repeats = "60m", "128", 1
-    ranks = [int(r) for r in args.ranks.split(",")]
+        args.models, args.repeats = "60m:128", 1
     real = real_gradients(args.gradients)
     profile = flattest_profile(args.gradients)
-    rate = gemm_rate()
     lines = [f"# Refresh cost on one CPU thread (torch {torch.__version__})\n",
-             f"Command: `{' '.join(['bench_refresh.py', *__import__('sys').argv[1:]])}`. Matmul rate measured "
-             f"now: {rate / 1e9:.0f} GFLOP/s. Medians of {args.repeats} interleaved repeats."]
+             f"Command: `{' '.join(['bench_refresh.py', *sys.argv[1:]])}`. Medians of {args.repeats} "
+             "interleaved repeats. No GPU in this session: CPU only."]
     print("\n".join(lines), flush=True)
-    for model in args.models.split(","):
+    for model, rank in (spec.split(":") for spec in args.models.split(",")):
+        ranks = [int(rank)]
         for spectrum in args.spectra.split(","):
             if (spectrum == "real" and not real) or (spectrum == "real-profile" and profile is None):
                 continue
-            table = model_table(model, spectrum, ranks, args.repeats, args.gap, rate, real, profile)
+            table = model_table(model, spectrum, ranks, args.repeats, args.gap, real, profile)
             print("\n".join(table), flush=True)
             lines += table
     if args.out:

@@ -21,6 +21,7 @@ import torch
 from subspace_optim.linalg import svd_fp32
 from subspace_optim.pool_law import tail_draw_probability
 from subspace_optim.randomized import RANDOMIZED_DEFAULTS, gaussian_test_matrix, pool_size, randomized_svd_fp32
+from subspace_optim.selectors.base import numerically_nonzero
 
 
 def sequence_log_prob(weights: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
@@ -67,10 +68,15 @@ def main() -> None:
     for n, (name, grad) in enumerate(sorted(saved["grads"].items())):
         left = grad if grad.shape[0] < grad.shape[1] else grad.T
         s = svd_fp32(left.double())[1].double()
-        full = s[s > 0]
+        # the sampler's own law: directions under the numerical-rank tolerance have weight zero
+        full = s[numerically_nonzero(s, tuple(left.shape))]
         cells = []
         for p in pools:
             k = pool_size(args.rank, p, tuple(left.shape))
+            if full.numel() <= max(args.rank, k):  # both laws are the dominant basis, or the same law
+                rows[p].append((0.0, 0.0, 0.0))
+                cells.append("0 (same law)")
+                continue
             low, high = tail_draw_probability(full, args.rank, k)
             s_hat = randomized_svd_fp32(left, k, gaussian_test_matrix(torch.Generator().manual_seed(n)),
                                         args.oversampling, args.power_iters)[1].double()
