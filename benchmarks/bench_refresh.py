@@ -33,8 +33,11 @@ POWER_ITERS = (0, 1, 2, 3)
 POOL = 2.0  # I3S on a randomized pool of 2 r triplets (opt-in: it changes the law)
 
 
+SKIP: set[str] = set()  # method names left out (--skip), e.g. to fit a busy machine's time
+
+
 def methods(ranks: list[int]) -> list[tuple[str, int | None, object]]:
-    """(name, rank or None for a rank-independent cost, refresh(matrix, rank))."""
+    """(name, rank or None for a rank-independent cost, refresh(matrix, rank)), less ``SKIP``."""
     out = []
     peer = galore_torch()
     if peer is not None:
@@ -43,7 +46,7 @@ def methods(ranks: list[int]) -> list[tuple[str, int | None, object]]:
     for r in ranks:
         out += [(f"randomized q={q}", r, ours("dominant", "randomized", rsvd_power_iters=q)) for q in POWER_ITERS]
         out.append((f"i3s pool {POOL:g}", r, ours("importance", "randomized", importance_pool=POOL)))
-    return out
+    return [m for m in out if m[0] not in SKIP]
 
 
 def measure(matrix: torch.Tensor, ranks: list[int], repeats: int) -> tuple[dict, dict, float]:
@@ -105,6 +108,8 @@ def model_table(model: str, spectrum: str, ranks: list[int], repeats: int, gap: 
         else:
             matrix = spectrum_matrix(spectrum, w, seed=i, real_profile=profile)
         per_shape.append((w, *measure(matrix, ranks, repeats)))
+        print(f"  ({model} {spectrum} {w.left[0]}x{w.left[1]}: " + ", ".join(  # progress, for long runs
+            f"{k[0]} {v:.2f}s" for k, v in per_shape[-1][1].items()) + ")", flush=True)
     rate = statistics.median(r for *_, r in per_shape)
     step = step_seconds(params, rate)
     lines = [f"\n### {model}: {spectrum} spectra ({layers} layers, {sum(w.per_layer for w in weights) * layers} "
@@ -140,8 +145,10 @@ def main() -> None:
                     help="saved lab gradients (.pt, comma-separated)")
     ap.add_argument("--quick", action="store_true", help="60M shapes, rank 128, one repeat (CI-sized)")
     ap.add_argument("--out", default=None, help="also write the tables to this markdown file")
+    ap.add_argument("--skip", default="", help="comma list of method names to leave out, e.g. 'svd,randomized q=3'")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    SKIP.update(name for name in args.skip.split(",") if name)
     if args.quick:
         args.models, args.repeats = "60m:128", 1
     real = real_gradients(args.gradients)

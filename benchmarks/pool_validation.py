@@ -16,7 +16,7 @@ from subspace_lab.compare import default_compare_config
 from subspace_lab.train import train
 
 VARIANTS = {
-    "i3s (svd, exact law)": ("I3SAdamW", {}),
+    "i3s exact (svd)": ("I3SAdamW", {}),
     "i3s randomized pool 2": ("I3SAdamW", {"svd_method": "randomized", "importance_pool": 2.0}),
     "i3s randomized pool 3": ("I3SAdamW", {"svd_method": "randomized", "importance_pool": 3.0}),
     "galore (svd)": ("GaLoreAdamW", {}),

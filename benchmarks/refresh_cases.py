@@ -31,10 +31,11 @@ class WeightShape:
 
 
 def model_weights(name: str) -> tuple[list[WeightShape], int, int]:
-    """Distinct projected weight shapes (with their count per layer), layers, total parameters."""
+    """Distinct projected weight shapes in left form (with their count per layer), layers, params."""
     s = MODEL_SHAPES[name]
-    weights = [WeightShape(s.hidden, s.hidden, 4), WeightShape(s.intermediate, s.hidden, 2),
-               WeightShape(s.hidden, s.intermediate, 1)]
+    # gate and up (intermediate x hidden) and down (hidden x intermediate) share one left form
+    # (hidden x intermediate): timed once, on the gate/up orientation, and counted three times
+    weights = [WeightShape(s.hidden, s.hidden, 4), WeightShape(s.intermediate, s.hidden, 3)]
     params = s.layers * (4 * s.hidden ** 2 + 3 * s.hidden * s.intermediate) + 2 * VOCAB * s.hidden
     return weights, s.layers, params
 
