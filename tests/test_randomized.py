@@ -118,8 +118,12 @@ def test_same_basis_in_another_process(tmp_path):
 
 
 def test_sketch_stream_is_not_the_sampling_stream():
-    # I3S's Gumbel draws come from ctx.generator: with a pool as large as the spectrum the randomized
-    # method is exact, so it must draw exactly the indices the gram path draws
+    # the test matrix has its own key: a different stream from the one I3S samples with
+    c = ctx(0)
+    assert not torch.equal(torch.randn(8, generator=c.sketch_generator("cpu")),
+                           torch.randn(8, generator=c.generator("cpu")))
+    # with a pool as large as the spectrum the randomized method is the exact Gram path, and I3S
+    # draws exactly the indices the gram path draws
     a = planted(16, 40, [2.0 ** -i for i in range(16)])
     for i in range(5):
         sampled = [get_selector("importance").select(a, None, 3, SelectionContext(
