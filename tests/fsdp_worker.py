@@ -31,6 +31,7 @@ GROUP = dict(rank=3, update_proj_gap=4)  # refreshes at steps 0, 4 and 8 of 10
 PRESETS = {
     "galore": (GaLoreAdamW, {}),
     "galore_gram": (GaLoreAdamW, dict(svd_method="gram")),
+    "i3s_randomized": (I3SAdamW, dict(svd_method="randomized", importance_pool=2.0)),
     "i3s": (I3SAdamW, {}),
     "i3s_rotate": (I3SAdamW, dict(transition="rotate")),
     "osd": (OnlineSubspaceAdamW, {}),

@@ -17,7 +17,7 @@ import torch
 
 TESTS = Path(__file__).resolve().parent
 SRC = TESTS.parent / "src"
-PRESETS = ["galore", "galore_gram", "i3s", "i3s_rotate", "osd", "ldadam", "random_reset", "galore_lion", "galore_full"]
+PRESETS = ["galore", "galore_gram", "i3s_randomized", "i3s", "i3s_rotate", "osd", "ldadam", "random_reset", "galore_lion", "galore_full"]
 
 
 def run_job(job: str, world: int, out_dir: Path, presets=PRESETS) -> list:

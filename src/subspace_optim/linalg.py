@@ -1,5 +1,8 @@
 """Linear algebra in fp32 for subspace selection: SVD, QR, random bases, subspace overlap.
 
+``SVD_METHODS`` (the ``svd_method`` group key) names the factorisations of a gradient: ``svd`` (the
+reference), ``gram`` (exact, faster) and ``randomized`` (``randomized.py``: the leading triplets only).
+
 Every factorisation here runs in float32 (or float64 on a retry) whatever the parameter dtype:
 ``torch.linalg.svd`` has no bf16 kernel, and a low-precision basis would drift from orthonormality.
 """
@@ -9,58 +12,79 @@ from __future__ import annotations
 import torch
 
 
-def svd_fp32(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Thin SVD of ``matrix`` (k, l) in fp32: returns ``U`` (k, min(k, l)) and ``S`` (min(k, l),).
+def lapack(routine, matrix: torch.Tensor):
+    """``routine(matrix)`` for one matrix (..., k, l); on CPU one matrix of a batch at a time.
+
+    torch's batched CPU linalg kernels are a loop over the batch anyway, but they hand MKL each
+    matrix at its offset in the batch, and MKL's results depend on the memory alignment of its input
+    (measured: ``eigh`` of 13x13 matrices differs in the last bits). Called one at a time, every
+    matrix gets its own freshly allocated copy, so a batch gives the same bits as each matrix alone.
+    On CUDA the batched kernels run as they are.
+    """
+    if matrix.dim() == 2 or matrix.device.type != "cpu":
+        return routine(matrix)
+    flat = matrix.reshape(-1, *matrix.shape[-2:])
+    parts = [routine(m) for m in flat]
+    return tuple(torch.stack([p[i] for p in parts]).reshape(*matrix.shape[:-2], *parts[0][i].shape)
+                 for i in range(len(parts[0])))
+
+
+def svd_fp32(matrix: torch.Tensor, count: int | None = None, test_matrix=None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Thin SVD of ``matrix`` (..., k, l) in fp32: ``U`` (..., k, min(k, l)) and ``S`` (..., min(k, l)).
 
     Singular vectors get a canonical sign (the largest-magnitude entry of each column positive), so
     the same gradient gives the same basis whatever LAPACK's sign convention. If the fp32 SVD fails to
     converge (ill-conditioned input), it is retried once in float64 before the error propagates.
+    ``count`` and ``test_matrix`` are the randomized method's (:data:`SVD_METHODS` share one
+    signature); an exact method returns every triplet.
     """
     a = matrix.detach().to(torch.float32)
     try:
-        u, s, _ = torch.linalg.svd(a, full_matrices=False)
+        u, s, _ = lapack(lambda m: torch.linalg.svd(m, full_matrices=False), a)
     except torch.linalg.LinAlgError:
+        if a.dim() > 2:  # one at a time, so that only the failing matrix is retried, as alone
+            return lapack(svd_fp32, a)
         u, s, _ = torch.linalg.svd(a.double(), full_matrices=False)
         u, s = u.float(), s.float()
     return canonical_signs(u), s
 
 
-def svd_gram_fp32(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def svd_gram_fp32(matrix: torch.Tensor, count: int | None = None, test_matrix=None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """The fast path of :func:`svd_fp32`: ``U`` and ``S`` from ``eigh`` of the (k, k) Gram matrix.
 
     2-5x faster than the SVD on CPU (``eigh`` of a small symmetric matrix instead of a bidiagonal
     SVD of the whole (k, l) matrix). Forming ``A A^T`` in fp32 squares the condition number, so
     singular values under about ``3e-4 * s_1`` (and their vectors) lose accuracy: harmless for the
     top-r subspace and for sampling with weights proportional to ``s``, where such directions have
-    negligible weight. Tested against :func:`svd_fp32`.
+    negligible weight. Tested against :func:`svd_fp32`. Takes a batch (..., k, l) too.
     """
     a = matrix.detach().to(torch.float32)
-    if a.shape[0] > a.shape[1]:  # the thin SVD has min(k, l) columns: keep the reference's shapes
+    if a.shape[-2] > a.shape[-1]:  # the thin SVD has min(k, l) columns: keep the reference's shapes
         return svd_fp32(a)
     # scaled to max |a_ij| = 1 first, so that squaring cannot overflow (or underflow) in fp32
-    scale = a.abs().amax()
-    if scale == 0 or not torch.isfinite(scale):
+    scale = a.abs().amax(dim=(-2, -1), keepdim=True)
+    if not bool(torch.isfinite(scale).all()):
         return svd_fp32(a)
-    a = a / scale
-    return gram_factors(a @ a.T, scale)
+    a = a / torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero matrix stays zero
+    return gram_factors(a @ a.mT, scale[..., 0])
 
 
 def gram_factors(gram: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``U``, ``S`` (descending) of ``A`` from the Gram matrix ``(A / scale) (A / scale)^T`` (k, k)."""
-    evals, evecs = torch.linalg.eigh(gram)  # ascending
-    s = evals.flip(0).clamp_(min=0).sqrt_().mul_(scale)
-    return canonical_signs(evecs.flip(1)), s
-
-
-SVD_METHODS = {"svd": svd_fp32, "gram": svd_gram_fp32}
+    """``U``, ``S`` (descending) of ``A`` from the Gram matrix ``(A / scale) (A / scale)^T``
+    (..., k, k); also the sharded refresh's, whose Gram matrix is a sum over processes."""
+    evals, evecs = lapack(torch.linalg.eigh, gram)  # ascending
+    s = evals.flip(-1).clamp_(min=0).sqrt_().mul_(scale)
+    return canonical_signs(evecs.flip(-1)), s
 
 
 def canonical_signs(basis: torch.Tensor) -> torch.Tensor:
-    """Flip each column of ``basis`` (k, r) so that its largest-magnitude entry is positive."""
+    """Flip each column of ``basis`` (..., k, r) so that its largest-magnitude entry is positive."""
     if basis.numel() == 0:
         return basis
-    idx = basis.abs().argmax(dim=0, keepdim=True)  # (1, r)
-    signs = torch.sign(torch.gather(basis, 0, idx))
+    idx = basis.abs().argmax(dim=-2, keepdim=True)  # (..., 1, r)
+    signs = torch.sign(torch.gather(basis, -2, idx))
     signs[signs == 0] = 1
     return basis * signs
 
@@ -99,3 +123,13 @@ def subspace_overlap(old: torch.Tensor, new: torch.Tensor) -> float:
         return 1.0
     c = old.to(torch.float32).T @ new.to(torch.float32)  # (r1, r2)
     return float((c * c).sum() / r)
+
+
+def _svd_methods() -> dict:
+    from .randomized import randomized_svd_fp32  # it builds on the exact methods above
+
+    return {"svd": svd_fp32, "gram": svd_gram_fp32, "randomized": randomized_svd_fp32}
+
+
+# name -> f(matrix (..., k, l), count, test_matrix, **options) -> (U (..., k, c), S (..., c))
+SVD_METHODS = _svd_methods()

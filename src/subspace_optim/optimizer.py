@@ -23,6 +23,7 @@ from .grouped import FOREACH_RULES, bucket_key, dense_grouped_step, grouped_step
 from .sharding import is_dtensor, local, shards_of
 from .nonfinite import PendingSkips, all_or_nothing, first_nonfinite
 from .selectors import SELECTORS, SelectionContext
+from .randomized import RANDOMIZED_DEFAULTS
 from .sides import projects_left, two_sided
 from .state_checks import prepare_loaded_state
 from .transitions import TRANSITIONS
@@ -113,8 +114,12 @@ class SubspaceOptimizer(ExactStateMixin, Optimizer):
             and add it to the next gradient (``error_feedback.py``).
         svd_method (str, "svd"): how the ``dominant`` and ``importance`` selectors (and the first step
             of ``online_pca`` and ``power``) factorise the gradient: ``svd`` (LAPACK thin SVD, the
-            reference) or ``gram`` (``eigh`` of the Gram matrix, 2-5x faster, see
-            ``linalg.svd_gram_fp32``).
+            reference), ``gram`` (``eigh`` of the Gram matrix, exact, 2-5x faster, see
+            ``linalg.svd_gram_fp32``) or ``randomized`` (Halko-Martinsson-Tropp: only the leading
+            triplets, ``randomized.py``; I3S then samples the whole spectrum from an exact
+            factorisation unless ``importance_pool`` restricts it to the top ``pool * r``).
+        rsvd_oversampling (float, 0.5, >= 0), rsvd_power_iters (int, 1, >= 0): the randomized
+            method's extra sketch columns (a fraction of the rank) and power iterations.
         subspace (bool or None, None): default for groups that set neither ``subspace`` nor a GaLore
             key; None means dense, as in galore-torch.
         nonfinite (str, "error"): ``error`` or ``skip``.
@@ -155,6 +160,8 @@ class SubspaceOptimizer(ExactStateMixin, Optimizer):
         svd_method: str = "svd",
         stagger_refresh: bool = False,
         foreach: bool | None = None,
+        rsvd_oversampling: float = RANDOMIZED_DEFAULTS["rsvd_oversampling"],
+        rsvd_power_iters: int = RANDOMIZED_DEFAULTS["rsvd_power_iters"],
         **component_options,
     ):
         validate_nonfinite(nonfinite)
@@ -176,6 +183,7 @@ class SubspaceOptimizer(ExactStateMixin, Optimizer):
             update_proj_gap=update_proj_gap, scale=scale, side=side, selector=selector,
             transition=transition, inner=inner, seed=seed, skipped_steps=0,
             error_feedback=error_feedback, svd_method=svd_method, stagger_refresh=stagger_refresh, foreach=foreach,
+            rsvd_oversampling=rsvd_oversampling, rsvd_power_iters=rsvd_power_iters,
             **{**owned, **options},
             differentiable=False,  # torch.optim adds it on load; present from the start keeps state_dicts equal
         )

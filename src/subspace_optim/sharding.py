@@ -82,9 +82,9 @@ class Whole:
     def overlap(self, old: torch.Tensor, new: torch.Tensor) -> float:
         return linalg.subspace_overlap(old, new)
 
-    def factorize(self, grad: torch.Tensor, method: str):
-        """``(U, S)`` of the whole left-form gradient by ``method`` (fp32)."""
-        return linalg.SVD_METHODS[method](grad)
+    def factorize(self, grad: torch.Tensor, method: str, count=None, test_matrix=None, options=None):
+        """``(U, S)`` of the whole left-form gradient by ``method`` (fp32; ``linalg.SVD_METHODS``)."""
+        return linalg.SVD_METHODS[method](grad, count, test_matrix, **(options or {}))
 
 
 WHOLE = Whole()
@@ -176,19 +176,22 @@ class RowShards(Whole):
         c = self.sum_k(old.to(torch.float32).T @ new.to(torch.float32))  # (r1, r2)
         return float((c * c).sum() / r)
 
-    def factorize(self, grad, method):
+    def factorize(self, grad, method, count=None, test_matrix=None, options=None):
         """Whole-gradient factors from local pieces: the Gram matrix of the unsharded side (one
-        all-reduce of (k, k)) when k < l, else an all-gather of the gradient (the reference's exact
+        all-reduce of (k, k)) when k < l for the exact methods (``svd`` then takes ``gram``'s
+        arithmetic), else an all-gather of the gradient and ``method`` on it (the reference's
         arithmetic); identical on every process."""
         k, l_total = grad.shape[0], (self.rows_total if self.l_sharded else grad.shape[1])
-        if self.l_sharded and k < l_total:
+        # (the randomized method keeps its own law: it factorises the gathered gradient)
+        if self.l_sharded and k < l_total and method != "randomized":
             a = grad.detach().to(torch.float32)
             scale = self._all_reduce(a.abs().amax().reshape(1), dist.ReduceOp.MAX)[0]
             if scale == 0 or not torch.isfinite(scale):
                 return linalg.svd_fp32(self._all_gather(a, 1))
             a = a / scale
             return linalg.gram_factors(self._all_reduce(a @ a.T), scale)
-        return linalg.SVD_METHODS[method](self._all_gather(grad, 0 if self.k_sharded else 1))
+        whole = self._all_gather(grad, 0 if self.k_sharded else 1)
+        return linalg.SVD_METHODS[method](whole, count, test_matrix, **(options or {}))
 
     # ------------------------------------------------------------------------- DTensor state
     def wrap(self, tensor: torch.Tensor, role: str):

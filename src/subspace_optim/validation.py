@@ -7,6 +7,7 @@ from __future__ import annotations
 from .checks import NONFINITE_POLICIES, check_bool, check_choice, check_int, check_real
 from .inner import INNER_RULES
 from .linalg import SVD_METHODS
+from .randomized import validate_randomized
 from .selectors import SELECTORS
 from .sides import PROJ_TYPE_TO_SIDE, SIDES, two_sided
 from .transitions import TRANSITIONS
@@ -39,6 +40,7 @@ def validate_group(group: dict) -> None:
     check_int("seed", group["seed"], 0)
     check_bool("error_feedback", group["error_feedback"])
     check_bool("stagger_refresh", group["stagger_refresh"])
+    validate_randomized(group)
     SELECTORS.validate(group)
     TRANSITIONS.validate(group)
     if two_sided(group["side"]):

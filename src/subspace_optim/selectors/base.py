@@ -12,8 +12,13 @@ from dataclasses import dataclass
 import torch
 
 from ..components import Component
+from ..randomized import gaussian_test_matrix, method_options
 from ..rng import generator_for
 from ..sharding import WHOLE, Whole
+
+# Prefix of the randomized SVD's stream key: its own stream, so that a selector's sampling draws
+# the same numbers whichever ``svd_method`` factorised the gradient.
+SKETCH_KEY_PREFIX = "sketch\x1e"
 
 
 @dataclass
@@ -38,14 +43,30 @@ class SelectionContext:
     def generator(self, device: torch.device | str) -> torch.Generator:
         return generator_for(self.group["seed"], self.key, self.refresh_index, device)
 
-    def factorize(self, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``U`` (k, min(k, l)) and ``S`` of the whole gradient (``grad`` is this process's shard) by
-        the group's ``svd_method``, in fp32; None for an all-zero (or empty) gradient, which carries
-        no direction to choose from. The same on every process."""
-        u, s = self.shard.factorize(grad, self.group.get("svd_method", "svd"))
-        if s.numel() == 0 or s[0] == 0:
-            return None
-        return u, s
+    def sketch_generator(self, device: torch.device | str) -> torch.Generator:
+        """The generator of the randomized SVD's test matrix (``svd_method="randomized"``)."""
+        return generator_for(self.group["seed"], SKETCH_KEY_PREFIX + self.key, self.refresh_index, device)
+
+    def factorize(self, grad: torch.Tensor, count: int | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``U`` (k, c) with orthonormal columns and ``S`` (c,) descending, of ``grad`` (k, l) by the
+        group's ``svd_method``, in fp32; None for an all-zero (or empty) gradient, which carries no
+        direction to choose from.
+
+        ``count`` is how many leading triplets the caller needs (None: the whole spectrum). The exact
+        methods (``svd``, ``gram``) return all ``c = min(k, l)``; ``randomized`` returns ``count``
+        (or all, when a sketch would be as large as the matrix), from this weight's own test matrix.
+        """
+        method, options = method_options(self.group)
+        test_matrix = gaussian_test_matrix(self.sketch_generator(grad.device)) if options else None
+        return nonzero_factors(*self.shard.factorize(grad, method, count, test_matrix, options))
+
+
+def nonzero_factors(u: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(u, s)``, or None when every singular value is zero (or there are none)."""
+    if s.numel() == 0 or s[0] == 0:
+        return None
+    return u, s
 
 
 class Selector(Component):
@@ -65,6 +86,28 @@ class Selector(Component):
         raise NotImplementedError
 
 
+class SpectralSelector(Selector):
+    """A selector that picks its basis among the leading singular triplets of the gradient.
+
+    It says how many triplets it needs (:meth:`triplets`) and picks from them (:meth:`choose`), so
+    that one factorisation call can serve a batch of equal-shape weights (``batched_refresh.py``)
+    while each weight's choice (and random draw) stays its own.
+    """
+
+    def triplets(self, rank: int, shape: tuple[int, int], group: dict) -> int | None:
+        """Leading triplets needed for a rank-``rank`` basis of a ``shape`` gradient; None: all."""
+        return rank
+
+    def choose(self, factors, grad: torch.Tensor, previous: torch.Tensor | None, rank: int,
+               ctx: SelectionContext) -> torch.Tensor:
+        """The basis (k, r) from ``factors`` (``SelectionContext.factorize``'s result for ``grad``)."""
+        raise NotImplementedError
+
+    def select(self, grad, previous, rank, ctx: SelectionContext) -> torch.Tensor:
+        factors = ctx.factorize(grad, self.triplets(rank, ctx.shard.whole_shape(grad.shape), ctx.group))
+        return self.choose(factors, grad, previous, rank, ctx)
+
+
 def numerically_nonzero(singular_values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     """Mask of singular values above LAPACK's rank tolerance ``sigma_1 * max(k, l) * eps(fp32)``.
 
@@ -80,10 +123,9 @@ def dominant_basis(grad: torch.Tensor, previous: torch.Tensor | None, rank: int,
                    ctx: SelectionContext) -> torch.Tensor:
     """The top-``rank`` left singular vectors of ``grad`` (k, r), or :func:`zero_gradient_basis`
     for an all-zero gradient: GaLore's subspace, and the first basis of the every-step selectors."""
-    factors = ctx.factorize(grad)
-    if factors is None:
-        return zero_gradient_basis(previous, grad.shape[0], rank, grad.device, ctx.shard)
-    return ctx.shard.rows(factors[0][:, :rank]).contiguous()  # (k, r), orthonormal columns
+    from .dominant import DominantSelector  # the dominant selector is this function's home
+
+    return DominantSelector().select(grad, previous, rank, ctx)
 
 
 def zero_gradient_basis(previous: torch.Tensor | None, rows: int, rank: int, device,

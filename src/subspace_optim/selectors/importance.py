@@ -20,13 +20,27 @@ and the remaining slots are filled with the next singular vectors in spectrum or
 equals the dominant (GaLore) basis; an all-zero gradient keeps the previous basis (or takes the first
 r coordinate axes at the first step); ``r >= min(m, n)`` is clipped by the optimizer, which makes
 the selection the whole space.
+
+With ``svd_method="randomized"`` and an ``importance_pool`` set, only a *pool* of the top
+``K = min(ceil(importance_pool * r), min(k, l))`` triplets is computed (``randomized.py``) and step 3 runs on the pool: the law is
+successive sampling with weights ``s^_i 1{i <= K}``, where ``s^`` are the randomized estimates of
+the top singular values, so directions past ``K`` are never drawn. With exact ``s`` its total
+variation distance to the full law is exactly the probability that the full law draws at least one
+index past ``K`` (derivation and measurements on real gradients: ``docs/refresh.md``). On gradients
+saved from lab runs that probability is 0.9-1 for pools up to 3 r: the pooled law is a different
+law, so the default ``importance_pool=None`` keeps the exact one (the whole spectrum, by the exact
+Gram path); ``svd`` and ``gram`` always take the whole spectrum.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .base import SelectionContext, Selector, numerically_nonzero, zero_gradient_basis
+from ..checks import check_real
+from ..randomized import pool_size
+from .base import SelectionContext, SpectralSelector, numerically_nonzero, zero_gradient_basis
+
+DEFAULT_POOL = None  # the whole spectrum: the exact law (see the module docstring)
 
 
 def sample_without_replacement(weights: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
@@ -47,17 +61,35 @@ def sample_without_replacement(weights: torch.Tensor, count: int, generator: tor
     return torch.sort(picked).values.to(weights.device)
 
 
-class ImportanceSelector(Selector):
-    """r singular vectors drawn without replacement with probability proportional to sigma."""
+class ImportanceSelector(SpectralSelector):
+    """r singular vectors drawn without replacement with probability proportional to sigma.
+
+    Group key: ``importance_pool`` (None or a float >= 1, default None): with
+    ``svd_method="randomized"``, draw from the top ``ceil(importance_pool * r)`` triplets only, a
+    different law (see the module docstring); None samples the whole spectrum.
+    """
 
     name = "importance"
+    defaults = {"importance_pool": DEFAULT_POOL}
 
-    def select(self, grad, previous, rank, ctx: SelectionContext) -> torch.Tensor:
-        factors = ctx.factorize(grad)
+    def validate(self, group: dict) -> None:
+        if group["importance_pool"] is not None:
+            check_real("importance_pool", group["importance_pool"], 1.0)
+
+    def triplets(self, rank, shape, group) -> int | None:
+        if group.get("svd_method", "svd") != "randomized":
+            return None  # the exact law samples from the whole spectrum
+        return pool_size(rank, group.get("importance_pool", DEFAULT_POOL), shape)
+
+    def choose(self, factors, grad, previous, rank, ctx: SelectionContext) -> torch.Tensor:
         if factors is None:
             return zero_gradient_basis(previous, grad.shape[0], rank, grad.device, ctx.shard)
         u, s = factors
-        nonzero = numerically_nonzero(s, ctx.shard.whole_shape(grad.shape))
+        shape = ctx.shard.whole_shape(grad.shape)
+        pool = self.triplets(rank, shape, ctx.group)
+        if pool is not None:  # a sketch as large as the matrix returns every triplet: keep the pool's law
+            u, s = u[:, :pool], s[:pool]
+        nonzero = numerically_nonzero(s, shape)
         if int(nonzero.sum()) <= rank:
             return ctx.shard.rows(u[:, :rank]).contiguous()
         weights = torch.where(nonzero, s, torch.zeros_like(s))
