@@ -277,11 +277,16 @@ class SubspaceOptimizer(ExactStateMixin, Optimizer):
                 group["skipped_steps"] += 1
             return loss
         for group, key, p in work:
-            if self._is_projected(group, p):
-                self._subspace_update(group, key, p)
-            else:
-                self._dense_update(group, p)
+            self._update_parameter(group, key, p)
         return loss
+
+    def _update_parameter(self, group: dict, key: str, p: torch.Tensor) -> None:
+        """One parameter's update from its gradient, after the checks: the unit that ``step`` runs
+        for every parameter and that updates inside backward (``in_backward.py``) run one at a time."""
+        if self._is_projected(group, p):
+            self._subspace_update(group, key, p)
+        else:
+            self._dense_update(group, p)
 
     @staticmethod
     def _is_projected(group: dict, p: torch.Tensor) -> bool:
@@ -291,26 +296,34 @@ class SubspaceOptimizer(ExactStateMixin, Optimizer):
         """``(group, key, param)`` for every parameter with a gradient, after the checks that must
         pass before anything is modified (so a failing step changes nothing)."""
         work = []
+        for group, key, p in self._keyed_params():
+            if p.grad is None:
+                continue
+            self._check_gradient(group, key, p)
+            work.append((group, key, p))
+        return work
+
+    def _keyed_params(self):
+        """``(group, key, param)`` for every parameter: its name, or ``"group.index"``."""
         for gi, group in enumerate(self.param_groups):
             names = group.get("param_names")
             for pi, p in enumerate(group["params"]):
-                if p.grad is None:
-                    continue
-                key = names[pi] if names else f"{gi}.{pi}"
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients ({key})")
-                if torch.is_complex(p) or torch.is_complex(p.grad):
-                    raise RuntimeError(f"{type(self).__name__} does not support complex parameters ({key})")
-                state = self.state.get(p)
-                if state and self._is_projected(group, p):
-                    left, rank, _ = self._layout(group, p)
-                    if state["project_left"] != left or state["projector"].shape[1] != rank:
-                        raise ValueError(
-                            f"rank/side: parameter {key} was set up with a rank-{state['projector'].shape[1]} "
-                            f"{'left' if state['project_left'] else 'right'} projection; these cannot "
-                            "change mid-run")
-                work.append((group, key, p))
-        return work
+                yield group, (names[pi] if names else f"{gi}.{pi}"), p
+
+    def _check_gradient(self, group: dict, key: str, p: torch.Tensor) -> None:
+        """The checks that must pass before a parameter with a gradient is modified."""
+        if p.grad.is_sparse:
+            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients ({key})")
+        if torch.is_complex(p) or torch.is_complex(p.grad):
+            raise RuntimeError(f"{type(self).__name__} does not support complex parameters ({key})")
+        state = self.state.get(p)
+        if state and self._is_projected(group, p):
+            left, rank, _ = self._layout(group, p)
+            if state["project_left"] != left or state["projector"].shape[1] != rank:
+                raise ValueError(
+                    f"rank/side: parameter {key} was set up with a rank-{state['projector'].shape[1]} "
+                    f"{'left' if state['project_left'] else 'right'} projection; these cannot "
+                    "change mid-run")
 
     @staticmethod
     def _first_nonfinite(work):
