@@ -380,6 +380,14 @@ class SubspaceOptimizer(ExactStateMixin, Optimizer):
         state["inner_step"] += 1
         reduced = project(basis, grad).to(state_dtype(p))  # (r, l)
         feedback.store(state, grad, basis, reduced, lost, inner.feedback_coefficient(group), left)
+        self._reduced_update(group, p, state, reduced, left)
+
+    def _reduced_update(self, group: dict, p: torch.Tensor, state: dict, reduced: torch.Tensor,
+                        left: bool) -> None:
+        """The inner rule on the projected gradient ``reduced`` (r, l) and the back-projected update of
+        ``p``, with the step counters already advanced (accumulation in the subspace enters here)."""
+        inner = INNER_RULES.lookup(group["inner"])
+        basis = state["projector"]
         d = inner.direction(reduced, state, group, state["inner_step"])
         update = back_project(basis, d.ratio().to(torch.float32), left)
         step_size = group["lr"] / d.bias_correction
