@@ -405,14 +405,19 @@ class SubspaceOptimizer(ExactStateMixin, Optimizer):
         index = next(i for i, q in enumerate(projected) if q is p)
         return index * group["update_proj_gap"] // len(projected)
 
+    @staticmethod
+    def _refresh_due(group: dict, state: dict) -> bool:
+        """Whether this parameter's next step selects a new basis (and so needs its full gradient)."""
+        if state.get("projector") is None or SELECTORS.lookup(group["selector"]).every_step:
+            return True
+        return (int(state["step"]) - state["refresh_phase"]) % group["update_proj_gap"] == 0
+
     def _refresh_if_due(self, group, key, p, state, grad, rank, inner, feedback):
         """Select a new basis when due and move the inner state to it; returns the momentum mass the
         change of basis lost (for error feedback), else None."""
         selector = SELECTORS.lookup(group["selector"])
         previous = state.get("projector")
-        steps_done, gap = int(state["step"]), group["update_proj_gap"]
-        due = previous is None or selector.every_step or (steps_done - state["refresh_phase"]) % gap == 0
-        if not due:
+        if not self._refresh_due(group, state):
             return None
         ctx = SelectionContext(state, group, key, state["refresh_count"], inner)
         basis = selector.select(grad, previous, rank, ctx)
