@@ -251,6 +251,14 @@ class SubspaceOptimizer(ExactStateMixin, Optimizer):
             keys |= registry.exact_state_keys()
         return keys
 
+    def step_in_backward(self, **options):
+        """Update each parameter inside backward, as soon as its gradient is complete, and free the
+        gradient; returns a handle whose ``remove()`` returns to ordinary ``step()``. Options
+        (``accumulate``, ``max_grad_norm``, ``two_pass``, ``ddp``) and what changes: ``in_backward.py``."""
+        from .in_backward import InBackward
+
+        return InBackward(self, **options)
+
     @property
     def skipped_steps(self) -> int:
         """Steps skipped by ``nonfinite="skip"``."""
