@@ -163,7 +163,8 @@ class InBackward:
                 raise RuntimeError(f"step_in_backward: parameter {key} got more than accumulate="
                                    f"{self.accumulate} gradients; call opt.step() after every "
                                    f"{self.accumulate} backward pass(es)")
-            full = self._full.setdefault(p, accumulation.needs_full_gradient(self.optimizer, group, p))
+            full = self._full.setdefault(p, self.accumulate == 1 or accumulation.needs_full_gradient(
+                self.optimizer, group, p))
             if not full:
                 self._add_reduced(p, accumulation.project_gradient(self.optimizer, p, grad))
                 p.grad = None
@@ -302,6 +303,8 @@ def _install_comm_hook(ddp, optimizer) -> None:
         handle = optimizer._in_backward
         if handle is None:
             return future
+        if bucket.is_last():
+            _after_ddp_finalize(handle)
 
         def update(fut):
             buffer = fut.value()
@@ -314,3 +317,17 @@ def _install_comm_hook(ddp, optimizer) -> None:
 
     ddp.register_comm_hook(None, hook)
     ddp._subspace_in_backward = optimizer
+
+
+def _after_ddp_finalize(handle) -> None:
+    """At the end of this backward, after DDP's finalize has copied the reduced buckets back into
+    ``.grad``, drop those copies: the handle has used them, and the next micro-batch's local gradient
+    must not accumulate onto them. DDP queues its finalize callback after the last bucket's
+    communication hook, so a callback queued here queues the dropping one behind it."""
+    from torch.autograd import Variable
+
+    def drop_grads():
+        for p in handle._index:
+            p.grad = None
+
+    Variable._execution_engine.queue_callback(lambda: Variable._execution_engine.queue_callback(drop_grads))
