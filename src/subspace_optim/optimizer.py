@@ -22,6 +22,7 @@ from .inner import INNER_RULES
 from .linalg import subspace_overlap
 from .selectors import SELECTORS, SelectionContext
 from .sides import projects_left
+from .state_storage import STORAGE
 from .transitions import TRANSITIONS
 from .validation import side_from_proj_type, validate_group, validate_nonfinite
 
@@ -36,7 +37,7 @@ BASE_EXACT_STATE_KEYS = ("step", "projector")
 
 def component_defaults() -> dict:
     """The group keys owned by the registered selectors, transitions and inner rules."""
-    return {**SELECTORS.defaults(), **TRANSITIONS.defaults(), **INNER_RULES.defaults()}
+    return {**SELECTORS.defaults(), **TRANSITIONS.defaults(), **INNER_RULES.defaults(), **STORAGE.defaults()}
 
 
 def state_dtype(param: torch.Tensor) -> torch.dtype:
@@ -111,7 +112,8 @@ class SubspaceOptimizer(ExactStateMixin, Optimizer):
         **component_options: the options of the components, each documented and validated by its
             component: ``momentum`` (``inner="sgd"``, 0.9), ``correct_bias`` (``inner="adam"``,
             True), ``rho`` (``selector="power"``, 0.908), ``osd_variant``, ``osd_alpha``,
-            ``osd_p_optimizer``, ``osd_orthonormalize`` (``selector="online_pca"``); and those of any
+            ``osd_p_optimizer``, ``osd_orthonormalize`` (``selector="online_pca"``), ``state_bits``
+            (8, 16 or 32) and ``projector_bits`` (16 or 32) (``state_storage.py``); and those of any
             component registered later. galore-torch's ``no_deprecation_warning`` is accepted and
             ignored.
 
@@ -247,7 +249,7 @@ class SubspaceOptimizer(ExactStateMixin, Optimizer):
     def _exact_state_keys(self) -> set[str]:
         """``step``, fp32 projectors, error buffers and the components' own fp32/integer state."""
         keys = set(BASE_EXACT_STATE_KEYS) | set(error_feedback.EXACT_STATE_KEYS)
-        for registry in (SELECTORS, TRANSITIONS, INNER_RULES):
+        for registry in (SELECTORS, TRANSITIONS, INNER_RULES, STORAGE):
             keys |= registry.exact_state_keys()
         return keys
 

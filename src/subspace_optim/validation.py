@@ -9,6 +9,7 @@ from .inner import INNER_RULES
 from .linalg import SVD_METHODS
 from .selectors import SELECTORS
 from .sides import PROJ_TYPE_TO_SIDE, SIDES
+from .state_storage import STORAGE
 from .transitions import TRANSITIONS
 
 
@@ -25,6 +26,7 @@ def validate_group(group: dict) -> None:
     check_bool("subspace", group["subspace"])
     check_choice("inner", group["inner"], sorted(INNER_RULES))
     INNER_RULES.validate(group)
+    STORAGE.validate(group)
     if not group["subspace"]:
         return
     check_int("rank", group["rank"], 1)
