@@ -22,7 +22,7 @@ from .inner import INNER_RULES
 from .linalg import subspace_overlap
 from .selectors import SELECTORS, SelectionContext
 from .sides import projects_left
-from .state_storage import STORAGE
+from .state_storage import STORAGE, compresses_dense, compute_dtype, decoded, dense_update
 from .transitions import TRANSITIONS
 from .validation import side_from_proj_type, validate_group, validate_nonfinite
 
@@ -294,7 +294,10 @@ class SubspaceOptimizer(ExactStateMixin, Optimizer):
         """One parameter's update from its gradient, after the checks: the unit that ``step`` runs
         for every parameter and that updates inside backward (``in_backward.py``) run one at a time."""
         if self._is_projected(group, p):
-            self._subspace_update(group, key, p)
+            with decoded(self, group, p):  # compressed moments / projector as fp32 for the step
+                self._subspace_update(group, key, p)
+        elif compresses_dense(group, p):
+            dense_update(self, group, p)
         else:
             self._dense_update(group, p)
 
