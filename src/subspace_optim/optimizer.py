@@ -391,7 +391,7 @@ class SubspaceOptimizer(ExactStateMixin, Optimizer):
         basis = state["projector"]  # (k, r) fp32, orthonormal columns
         state["step"] += 1
         state["inner_step"] += 1
-        reduced = project(basis, grad).to(state_dtype(p))  # (r, l)
+        reduced = project(basis, grad).to(compute_dtype(group, state_dtype(p)))  # (r, l)
         feedback.store(state, grad, basis, reduced, lost, inner.feedback_coefficient(group), left)
         self._reduced_update(group, p, state, reduced, left)
 
@@ -436,7 +436,8 @@ class SubspaceOptimizer(ExactStateMixin, Optimizer):
         basis = selector.select(grad, previous, rank, ctx)
         lost = None
         if previous is None:
-            inner.init_state(state, torch.empty((rank, grad.shape[1]), dtype=state_dtype(p), device=p.device))
+            inner.init_state(state, torch.empty((rank, grad.shape[1]), dtype=compute_dtype(group, state_dtype(p)),
+                                                device=p.device))
         else:
             state["overlap"] = subspace_overlap(previous, basis)
             before = feedback.momentum_mass(state, inner, previous)
