@@ -24,6 +24,7 @@ import torch
 
 from .functional import left_form, project
 from .optimizer import state_dtype
+from .state_storage import compute_dtype, decoded
 
 
 def needs_full_gradient(opt, group: dict, p: torch.Tensor) -> bool:
@@ -49,7 +50,9 @@ def project_gradient(opt, p: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
 
 def reduced_step(opt, group: dict, p: torch.Tensor, reduced: torch.Tensor) -> None:
     """One projected step of ``p`` from its accumulated projected gradient (no refresh is due)."""
-    state = opt.state[p]
-    state["step"] += 1
-    state["inner_step"] += 1
-    opt._reduced_update(group, p, state, reduced.to(state_dtype(p)), state["project_left"])
+    with decoded(opt, group, p):
+        state = opt.state[p]
+        state["step"] += 1
+        state["inner_step"] += 1
+        dtype = compute_dtype(group, state_dtype(p))
+        opt._reduced_update(group, p, state, reduced.to(dtype), state["project_left"])
