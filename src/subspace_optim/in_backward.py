@@ -53,6 +53,10 @@ from . import accumulation
 from .checks import check_bool, check_int, check_real
 
 
+class NonFiniteGradientError(RuntimeError):
+    """A non-finite loss or gradient under ``nonfinite="error"``, or a torn step (any policy)."""
+
+
 def _nonfinite(grad: torch.Tensor) -> bool:
     # One sum reads the gradient once; only a non-finite sum (a bad value or a finite overflow)
     # pays for the exact search.
@@ -108,7 +112,7 @@ class InBackward:
         """``loss.backward()`` with the updates inside it; first checks the loss (a non-finite loss
         skips or raises before any gradient exists); with ``two_pass`` runs the measuring backward
         (``retain_graph=True``) and then the updating one."""
-        if not bool(torch.isfinite(loss.detach()).all()):
+        if not self._all_finite(loss):
             self._poison("loss", None)
             return
         if not self.two_pass:
@@ -117,6 +121,15 @@ class InBackward:
         self._measure(lambda: loss.backward(retain_graph=True))
         if not self._poisoned:
             self._update_pass(loss.backward)
+
+    def _all_finite(self, loss: torch.Tensor) -> bool:
+        """Whether the loss is finite, agreed by every DDP rank (ranks must skip backward together)."""
+        finite = torch.isfinite(loss.detach()).all()
+        if self.ddp is not None:
+            flag = finite.to(torch.int32).reshape(1)
+            torch.distributed.all_reduce(flag, torch.distributed.ReduceOp.MIN, group=self.ddp.process_group)
+            finite = flag[0]
+        return bool(finite)
 
     def remove(self) -> None:
         """Back to ordinary ``opt.step()``. Not in the middle of an accumulation window."""
@@ -207,7 +220,7 @@ class InBackward:
         if self._updated:
             n = len(self._updated)
             self._reset_window()
-            raise RuntimeError(
+            raise NonFiniteGradientError(
                 f"{type(opt).__name__}: non-finite gradient in parameter {key} after {n} parameter(s) were "
                 "already updated in this backward: the step is torn and cannot be undone (resume from a "
                 "checkpoint; step_in_backward(two_pass=True) screens every gradient before any update)")
@@ -219,7 +232,7 @@ class InBackward:
                 state = opt.state.get(p) or {}
                 step = int(state["step"]) + 1 if "step" in state else 1
                 what = f"gradient in parameter {key} at its step {step}"
-            raise RuntimeError(f"{type(opt).__name__}: non-finite {what}; nothing was updated "
+            raise NonFiniteGradientError(f"{type(opt).__name__}: non-finite {what}; nothing was updated "
                                "(nonfinite='skip' skips such steps instead)")
         self._poisoned = True
         for q in list(self._held) + [q for q in self._full if q.grad is not None]:
