@@ -107,6 +107,26 @@ def _bnb_on_meta() -> None:
     F.optimizer_update_32bit = update
 
 
+def _flash_attention_on_meta() -> None:
+    """On CPU, SDPA without a mask runs the flash-attention kernel (no (T, T) score matrix is kept;
+    GPUs do the same with theirs); the meta device would take the math path and materialise the
+    scores. Route meta inputs to the CPU flash kernel's meta function, so both devices count alike."""
+    F = torch.nn.functional
+    real = F.scaled_dot_product_attention
+    if getattr(real, "meta_flash", False):
+        return
+
+    def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        if query.device.type == "meta" and attn_mask is None and dropout_p == 0.0 and not enable_gqa:
+            return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                query, key, value, dropout_p=0.0, is_causal=is_causal, scale=scale)[0]
+        return real(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                    scale=scale, enable_gqa=enable_gqa)
+
+    sdpa.meta_flash = True
+    F.scaled_dot_product_attention = sdpa
+
+
 class GaLoreTorchLayerwise:
     """galore-torch's per-layer recipe (see the module docstring): steps happen in the hooks."""
 
@@ -163,8 +183,32 @@ def _state_bytes(opt) -> int:
 
 
 # --------------------------------------------------------------------------------- one step
+LOSS_CHUNK = 256
+
+
 def _loss(model, ids):
-    return model(input_ids=ids, labels=ids).loss
+    if not CHUNKED_LOSS[0]:
+        return model(input_ids=ids, labels=ids).loss
+    # The LM head and cross-entropy over 256-token chunks, each checkpointed: the (T, vocab) logits
+    # never exist at once (as torchtune's chunked cross-entropy, Liger's fused linear cross-entropy).
+    from torch.utils.checkpoint import checkpoint
+
+    hidden = model.model(input_ids=ids).last_hidden_state[:, :-1]
+    targets = ids[:, 1:]
+    total = 0.0
+    for s in range(0, targets.shape[1], LOSS_CHUNK):
+        total = total + checkpoint(_chunk_nll, hidden[:, s:s + LOSS_CHUNK], targets[:, s:s + LOSS_CHUNK],
+                                   model.lm_head.weight, use_reentrant=False)
+    return total / targets.numel()
+
+
+def _chunk_nll(hidden, targets, weight):
+    logits = (hidden @ weight.T).float()
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                             reduction="sum")
+
+
+CHUNKED_LOSS = [False]
 
 
 def run_step(model, opt, handle, mode, batches) -> None:
@@ -206,6 +250,7 @@ def measure(model_name, optimizer, mode, device, dtype, refresh: bool) -> dict:
             tracker.reset_peak()
             run_step(model, opt, handle, mode, ids)
             out[label] = tracker.peak
+            out[label + "_op"] = tracker.peak_op
         out["state"] = opt.state_bytes() if isinstance(opt, GaLoreTorchLayerwise) else _state_bytes(opt)
     return out
 
@@ -227,16 +272,22 @@ def main(argv=None) -> int:
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--refresh", action="store_true", help="also measure a refresh step")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--chunked-loss", action="store_true",
+                        help="LM head + cross-entropy in checkpointed 256-token chunks")
+    parser.add_argument("--verbose", action="store_true", help="print the op at each peak")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.cuda.synchronize = lambda *a, **k: None  # galore-torch's step calls it; there is no CUDA here
     if args.device == "meta":
         _bnb_on_meta()
+        _flash_attention_on_meta()
     warnings.filterwarnings("ignore")
+    CHUNKED_LOSS[0] = args.chunked_loss
     dtype = getattr(torch, args.dtype)
     modes = args.modes.split(",")
     names = [n for n in OPTIMIZERS if not args.only or any(s in n for s in args.only.split(","))]
-    print(f"device={args.device} dtype={args.dtype} batch 1 x {SEQ}, activation checkpointing; GB = 1e9 bytes")
+    print(f"device={args.device} dtype={args.dtype} batch 1 x {SEQ}, activation checkpointing"
+          f"{', chunked loss' if args.chunked_loss else ''}; GB = 1e9 bytes")
     for model_name in args.models.split(","):
         print(f"\n### LLaMA {model_name} (rank {RANKS[model_name]})\n")
         cols = " | ".join(f"peak, {m} (GB)" for m in modes)
@@ -251,6 +302,8 @@ def main(argv=None) -> int:
                     continue
                 r = measure(model_name, name, mode, args.device, dtype, args.refresh and mode == "in_backward")
                 cells.append(f"{r['plain'] / 1e9:.3f}")
+                if args.verbose:
+                    print(f"  {name} / {mode}: plain step peak {r['plain']} B at {r['plain_op']}", file=sys.stderr)
                 state, weights = r["state"], r["weights"]
                 refresh = r.get("refresh", refresh)
             extra = "" if not args.refresh else (" — |" if refresh is None else f" {refresh / 1e9:.3f} |")

@@ -26,13 +26,15 @@ class PeakTracker(TorchDispatchMode):
         self.sizes: dict[int, int] = {}
         self.current = 0
         self.peak = 0
+        self.peak_op = None  # the op at which the peak was reached
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for leaf in pytree.tree_leaves(out):
             if isinstance(leaf, torch.Tensor):
                 self._register(leaf)
-        self.peak = max(self.peak, self.current)
+        if self.current > self.peak:
+            self.peak, self.peak_op = self.current, str(func)
         return out
 
     def _register(self, tensor: torch.Tensor) -> None:
@@ -48,7 +50,7 @@ class PeakTracker(TorchDispatchMode):
         self.current -= self.sizes.pop(key)
 
     def reset_peak(self) -> None:
-        self.peak = self.current
+        self.peak, self.peak_op = self.current, None
 
 
 class MetaTruth:

@@ -393,6 +393,7 @@ class SubspaceOptimizer(ExactStateMixin, Optimizer):
         state["inner_step"] += 1
         reduced = project(basis, grad).to(compute_dtype(group, state_dtype(p)))  # (r, l)
         feedback.store(state, grad, basis, reduced, lost, inner.feedback_coefficient(group), left)
+        del grad  # for a bf16 weight an fp32 copy of its gradient: gone before the update is formed
         self._reduced_update(group, p, state, reduced, left)
 
     def _reduced_update(self, group: dict, p: torch.Tensor, state: dict, reduced: torch.Tensor,
