@@ -409,7 +409,9 @@ class SubspaceOptimizer(ExactStateMixin, Optimizer):
             update = update.sign()  # Lion: the sign makes the scale irrelevant
         else:
             step_size = step_size * group["scale"]
-        apply_update(p, update.to(p.dtype), None, step_size, group["lr"], group["weight_decay"])
+        # the fp32 update is added to a low-precision weight with one rounding, and without a second,
+        # rounded copy of the update
+        apply_update(p, update, None, step_size, group["lr"], group["weight_decay"])
 
     def _refresh_phase(self, group: dict, p: torch.Tensor) -> int:
         """0, or with ``stagger_refresh`` this weight's share ``i * gap // n`` of the refresh gap."""
