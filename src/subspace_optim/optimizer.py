@@ -17,12 +17,13 @@ from torch.optim import Optimizer
 from . import error_feedback
 from .error_feedback import FEEDBACK_STAGES
 from .exact_state import ExactStateMixin
-from .functional import apply_update, back_project, left_form, project
+from .functional import apply_update, left_form, project
 from .inner import INNER_RULES
 from .linalg import subspace_overlap
 from .selectors import SELECTORS, SelectionContext
 from .sides import projects_left
 from .state_storage import STORAGE, compresses_dense, compute_dtype, decoded, dense_update
+from .blocked_update import back_project_and_apply
 from .transitions import TRANSITIONS
 from .validation import side_from_proj_type, validate_group, validate_nonfinite
 
@@ -403,15 +404,13 @@ class SubspaceOptimizer(ExactStateMixin, Optimizer):
         inner = INNER_RULES.lookup(group["inner"])
         basis = state["projector"]
         d = inner.direction(reduced, state, group, state["inner_step"])
-        update = back_project(basis, d.ratio().to(torch.float32), left)
         step_size = group["lr"] / d.bias_correction
-        if inner.sign_after_backprojection:
-            update = update.sign()  # Lion: the sign makes the scale irrelevant
-        else:
+        if not inner.sign_after_backprojection:  # Lion: the sign makes the scale irrelevant
             step_size = step_size * group["scale"]
-        # the fp32 update is added to a low-precision weight with one rounding, and without a second,
-        # rounded copy of the update
-        apply_update(p, update, None, step_size, group["lr"], group["weight_decay"])
+        # fp32 weights: U = P N at once (the reference); lower precision: row blocks of U, each added
+        # to the weight with one rounding (blocked_update.py)
+        back_project_and_apply(p, basis, d.ratio().to(torch.float32), left, step_size, group["lr"],
+                               group["weight_decay"], inner.sign_after_backprojection)
 
     def _refresh_phase(self, group: dict, p: torch.Tensor) -> int:
         """0, or with ``stagger_refresh`` this weight's share ``i * gap // n`` of the refresh gap."""
