@@ -176,7 +176,10 @@ class InBackward:
                 raise RuntimeError(f"step_in_backward: parameter {key} got more than accumulate="
                                    f"{self.accumulate} gradients; call opt.step() after every "
                                    f"{self.accumulate} backward pass(es)")
-            full = self._full.setdefault(p, self.accumulate == 1 or accumulation.needs_full_gradient(
+            # Without clipping a projected weight whose basis stays takes its update from P^T G even
+            # at accumulate=1 (the same arithmetic as the step's): its gradient is freed before its
+            # moments are decoded and its update is formed.
+            full = self._full.setdefault(p, self._clips() or accumulation.needs_full_gradient(
                 self.optimizer, group, p))
             if not full:
                 self._add_reduced(p, accumulation.project_gradient(self.optimizer, p, grad))
@@ -190,6 +193,9 @@ class InBackward:
                     p.grad = None
             if count == self.accumulate:
                 self._update(group, key, p)
+
+    def _clips(self) -> bool:
+        return self.max_grad_norm is not None or self._clip_coef is not None
 
     def _add_reduced(self, p, reduced) -> None:
         held = self._reduced.get(p)
