@@ -183,32 +183,8 @@ def _state_bytes(opt) -> int:
 
 
 # --------------------------------------------------------------------------------- one step
-LOSS_CHUNK = 256
-
-
 def _loss(model, ids):
-    if not CHUNKED_LOSS[0]:
-        return model(input_ids=ids, labels=ids).loss
-    # The LM head and cross-entropy over 256-token chunks, each checkpointed: the (T, vocab) logits
-    # never exist at once (as torchtune's chunked cross-entropy, Liger's fused linear cross-entropy).
-    from torch.utils.checkpoint import checkpoint
-
-    hidden = model.model(input_ids=ids).last_hidden_state[:, :-1]
-    targets = ids[:, 1:]
-    total = 0.0
-    for s in range(0, targets.shape[1], LOSS_CHUNK):
-        total = total + checkpoint(_chunk_nll, hidden[:, s:s + LOSS_CHUNK], targets[:, s:s + LOSS_CHUNK],
-                                   model.lm_head.weight, use_reentrant=False)
-    return total / targets.numel()
-
-
-def _chunk_nll(hidden, targets, weight):
-    logits = (hidden @ weight.T).float()
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                             reduction="sum")
-
-
-CHUNKED_LOSS = [False]
+    return model(input_ids=ids, labels=ids).loss
 
 
 def run_step(model, opt, handle, mode, batches) -> None:
@@ -272,8 +248,6 @@ def main(argv=None) -> int:
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--refresh", action="store_true", help="also measure a refresh step")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--chunked-loss", action="store_true",
-                        help="LM head + cross-entropy in checkpointed 256-token chunks")
     parser.add_argument("--verbose", action="store_true", help="print the op at each peak")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -282,12 +256,10 @@ def main(argv=None) -> int:
         _bnb_on_meta()
         _flash_attention_on_meta()
     warnings.filterwarnings("ignore")
-    CHUNKED_LOSS[0] = args.chunked_loss
     dtype = getattr(torch, args.dtype)
     modes = args.modes.split(",")
     names = [n for n in OPTIMIZERS if not args.only or any(s in n for s in args.only.split(","))]
-    print(f"device={args.device} dtype={args.dtype} batch 1 x {SEQ}, activation checkpointing"
-          f"{', chunked loss' if args.chunked_loss else ''}; GB = 1e9 bytes")
+    print(f"device={args.device} dtype={args.dtype} batch 1 x {SEQ}, activation checkpointing; GB = 1e9 bytes")
     for model_name in args.models.split(","):
         print(f"\n### LLaMA {model_name} (rank {RANKS[model_name]})\n")
         cols = " | ".join(f"peak, {m} (GB)" for m in modes)
