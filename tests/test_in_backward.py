@@ -265,3 +265,19 @@ def test_llama_with_activation_checkpointing_equals_ordinary_steps(checkpointing
         opts[1].step()
         assert params_equal(*models)
     assert state_equal(opts[0].state_dict(), opts[1].state_dict())
+
+
+def test_handle_follows_param_groups_replaced_by_load_state_dict():
+    """load_state_dict replaces the param-group dicts (a resume; accelerate's device placement): the
+    hooks must read the live groups, whose lr the scheduler changes."""
+    (m1, m2), (o1, o2) = _pair(OPTIMIZERS[0])
+    handle = o2.step_in_backward()
+    o2.load_state_dict(copy.deepcopy(o2.state_dict()))
+    s1 = torch.optim.lr_scheduler.LambdaLR(o1, lambda step: 0.5 ** step)
+    s2 = torch.optim.lr_scheduler.LambdaLR(o2, lambda step: 0.5 ** step)
+    for batch in batches(4):
+        train(m1, o1, [batch])
+        s1.step()
+        train_in_backward(m2, o2, handle, [batch])
+        s2.step()
+    assert params_equal(m1, m2)

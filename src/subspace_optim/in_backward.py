@@ -88,7 +88,9 @@ class InBackward:
             raise RuntimeError("step_in_backward: this optimizer already has an active handle; remove() it first")
         self.optimizer = optimizer
         self.ddp = ddp
-        self._index = {p: (group, key) for group, key, p in optimizer._keyed_params()}
+        # the group's index, not the dict: load_state_dict (a resume, accelerate's device placement)
+        # replaces the param-group dicts, and an LR scheduler then changes the new ones
+        self._index = {p: (self._group_index(optimizer, group), key) for group, key, p in optimizer._keyed_params()}
         self._lock = threading.Lock()
         self._phase = None if self.two_pass else "update"
         self._clip_coef = None
@@ -155,7 +157,7 @@ class InBackward:
         """A complete (for DDP: all-reduced) micro-batch gradient of ``p``. ``owned``: it is ``p.grad``
         and autograd accumulates into it (else it is DDP's bucket view, valid only now)."""
         with self._lock, torch.no_grad():
-            group, key = self._index[p]
+            group, key = self._where(p)
             if self._phase is None:
                 raise RuntimeError("step_in_backward(two_pass=True): run backward through handle.backward(loss) "
                                    "or opt.step(closure), which run the measuring and the updating pass")
@@ -193,6 +195,14 @@ class InBackward:
                     p.grad = None
             if count == self.accumulate:
                 self._update(group, key, p)
+
+    @staticmethod
+    def _group_index(optimizer, group: dict) -> int:
+        return next(i for i, g in enumerate(optimizer.param_groups) if g is group)
+
+    def _where(self, p) -> tuple[dict, str]:
+        gi, key = self._index[p]
+        return self.optimizer.param_groups[gi], key
 
     def _clips(self) -> bool:
         return self.max_grad_norm is not None or self._clip_coef is not None
@@ -282,7 +292,7 @@ class InBackward:
                     group["skipped_steps"] += 1
             else:
                 for p in [q for q, n in self._count.items() if q not in self._updated and n > 0]:
-                    self._update(*self._index[p], p)
+                    self._update(*self._where(p), p)
             for p in self._index if self.ddp is not None else ():
                 p.grad = None  # DDP copies its reduced bucket back into .grad after we used it
         self._reset_window()
