@@ -171,8 +171,9 @@ def test_bad_bits_are_rejected(key, value):
         make(Net(), **{key: value})
 
 
-def test_in_backward_with_8bit_states_equals_ordinary_steps():
-    models = Net(), Net()
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16])
+def test_in_backward_with_8bit_states_equals_ordinary_steps(param_dtype):
+    models = Net(dtype=param_dtype), Net(dtype=param_dtype)
     opts = [make(m, I3SAdamW, state_bits=8, projector_bits=16) for m in models]
     handle = opts[1].step_in_backward()
     for s in range(6):
