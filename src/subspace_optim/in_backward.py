@@ -51,6 +51,7 @@ import torch
 
 from . import accumulation
 from .checks import check_bool, check_int, check_real
+from .ddp_hook import install_comm_hook
 
 
 class NonFiniteGradientError(RuntimeError):
@@ -102,7 +103,7 @@ class InBackward:
         if ddp is None:
             self._handles += [p.register_post_accumulate_grad_hook(self._on_gradient) for p in self._index]
         else:
-            _install_comm_hook(ddp, optimizer)
+            install_comm_hook(ddp, optimizer)
         optimizer._in_backward = self
 
     # ---------------------------------------------------------------------------- public API
@@ -315,48 +316,3 @@ class InBackward:
         if any(n and p not in self._updated for p, n in self._count.items()):
             raise RuntimeError("step_in_backward: in the middle of an accumulation window; call opt.step() "
                                "first (accumulated gradients are not optimizer state and would be lost)")
-
-
-def _install_comm_hook(ddp, optimizer) -> None:
-    """A DDP communication hook: DDP's default all-reduce (sum, divided by the world size), then the
-    bucket's gradients go to the optimizer's active handle, if any. Registered once per DDP module."""
-    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
-
-    if getattr(ddp, "_subspace_in_backward", None) is optimizer:
-        return
-    if getattr(ddp, "_subspace_in_backward", None) is not None:
-        raise RuntimeError("step_in_backward: this DDP module is already bound to another optimizer")
-
-    def hook(process_group, bucket):
-        future = allreduce_hook(process_group, bucket)
-        handle = optimizer._in_backward
-        if handle is None:
-            return future
-        if bucket.is_last():
-            _after_ddp_finalize(handle)
-
-        def update(fut):
-            buffer = fut.value()
-            for p, g in zip(bucket.parameters(), bucket.gradients()):
-                if p in handle._index:
-                    handle._arrive(p, g, owned=False)
-            return buffer
-
-        return future.then(update)
-
-    ddp.register_comm_hook(None, hook)
-    ddp._subspace_in_backward = optimizer
-
-
-def _after_ddp_finalize(handle) -> None:
-    """At the end of this backward, after DDP's finalize has copied the reduced buckets back into
-    ``.grad``, drop those copies: the handle has used them, and the next micro-batch's local gradient
-    must not accumulate onto them. DDP queues its finalize callback after the last bucket's
-    communication hook, so a callback queued here queues the dropping one behind it."""
-    from torch.autograd import Variable
-
-    def drop_grads():
-        for p in handle._index:
-            p.grad = None
-
-    Variable._execution_engine.queue_callback(lambda: Variable._execution_engine.queue_callback(drop_grads))
