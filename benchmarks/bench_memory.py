@@ -9,8 +9,9 @@ on ``meta`` the same code runs with shapes only, which is how 1B and 7B are acco
 GPU on this machine). Models: GaLore's LLaMA shapes (``subspace_lab.models``), vocabulary 32,000,
 Hugging Face ``LlamaForCausalLM`` with its activation checkpointing (non-reentrant) and SDPA
 attention. Ranks: GaLore's (60M 128, 130M/350M 256, 1B 512, 7B 1024). Update modes: ordinary
-``opt.step()``; updates inside backward (``step_in_backward``); accumulation in the subspace (inside
-backward, ``accumulate=2``, the peak over the whole two-micro-batch window). Steps: the first step
+``opt.step()``; updates inside backward (``step_in_backward``); ordinary accumulation over two
+micro-batches (full gradients summed in ``.grad``); accumulation in the subspace (inside backward,
+``accumulate=2``). Accumulation peaks are over the whole two-micro-batch window. Steps: the first step
 creates the state (and takes the first basis); the second, an ordinary step, is measured; with
 ``--refresh`` the third, a refresh step (gap 2), is measured too.
 
@@ -35,7 +36,7 @@ from memory_tracker import MetaTruth, PeakTracker  # noqa: E402
 
 RANKS = {"micro": 8, "tiny": 32, "60m": 128, "130m": 256, "350m": 256, "1b": 512, "7b": 1024}
 VOCAB, SEQ, ACCUMULATE = 32000, 2048, 2
-MODES = ("ordinary", "in_backward", "accumulate")
+MODES = ("ordinary", "in_backward", "ordinary_accumulate", "accumulate")
 
 
 def build_model(name: str, device: str, dtype: torch.dtype):
@@ -154,9 +155,9 @@ class GaLoreTorchLayerwise:
 
 
 OPTIMIZERS = {  # name -> (builder, modes it supports)
-    "AdamW (torch)": (_torch_adamw, ("ordinary",)),
+    "AdamW (torch)": (_torch_adamw, ("ordinary", "ordinary_accumulate")),
     "AdamW (ours, dense; = torch's arithmetic)": (_ours("SubspaceOptimizer", subspace=False), MODES[:2]),
-    "AdamW 8-bit (bitsandbytes)": (_bnb_adamw8bit, ("ordinary",)),
+    "AdamW 8-bit (bitsandbytes)": (_bnb_adamw8bit, ("ordinary", "ordinary_accumulate")),
     "AdamW 8-bit (ours, dense, state_bits=8)": (_ours("SubspaceOptimizer", subspace=False, state_bits=8),
                                                  MODES[:2]),
     "GaLore, fp32 states": (_ours("GaLoreAdamW"), MODES),
@@ -164,7 +165,7 @@ OPTIMIZERS = {  # name -> (builder, modes it supports)
     "I3S, fp32 states": (_ours("I3SAdamW"), MODES),
     "I3S, 8-bit states": (_ours("I3SAdamW", state_bits=8), MODES),
     "I3S, 8-bit states, bf16 projector": (_ours("I3SAdamW", state_bits=8, projector_bits=16), MODES),
-    "galore-torch GaLoreAdamW8bit": (_galore_torch, ("ordinary",)),
+    "galore-torch GaLoreAdamW8bit": (_galore_torch, ("ordinary", "ordinary_accumulate")),
     "galore-torch 8-bit layer-wise recipe": (GaLoreTorchLayerwise, ("in_backward",)),
 }
 
@@ -191,7 +192,7 @@ def run_step(model, opt, handle, mode, batches) -> None:
     if isinstance(opt, GaLoreTorchLayerwise):
         for ids in batches:
             _loss(model, ids).backward()
-    elif mode == "ordinary":
+    elif mode.startswith("ordinary"):
         for ids in batches:
             (_loss(model, ids) / len(batches)).backward()
         opt.step()
@@ -211,9 +212,9 @@ def measure(model_name, optimizer, mode, device, dtype, refresh: bool) -> dict:
         weights = tracker.current
         opt = builder(model, RANKS[model_name])
         handle = None
-        if mode != "ordinary" and not isinstance(opt, GaLoreTorchLayerwise):
-            handle = opt.step_in_backward(accumulate=ACCUMULATE if mode == "accumulate" else 1)
-        k = ACCUMULATE if mode == "accumulate" else 1
+        k = ACCUMULATE if mode.endswith("accumulate") else 1
+        if not mode.startswith("ordinary") and not isinstance(opt, GaLoreTorchLayerwise):
+            handle = opt.step_in_backward(accumulate=k)
         g = torch.Generator(device="cpu").manual_seed(0)
 
         def batches():
