@@ -245,7 +245,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="meta", choices=("cpu", "meta"))
     parser.add_argument("--models", default="60m")
     parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
-    parser.add_argument("--only", default=None, help="comma list of substrings of optimizer names")
+    parser.add_argument("--only", default=None, help="';'-separated substrings of optimizer names")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--refresh", action="store_true", help="also measure a refresh step")
     parser.add_argument("--threads", type=int, default=1)
@@ -259,7 +259,7 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore")
     dtype = getattr(torch, args.dtype)
     modes = args.modes.split(",")
-    names = [n for n in OPTIMIZERS if not args.only or any(s in n for s in args.only.split(","))]
+    names = [n for n in OPTIMIZERS if not args.only or any(s in n for s in args.only.split(";"))]
     print(f"device={args.device} dtype={args.dtype} batch 1 x {SEQ}, activation checkpointing; GB = 1e9 bytes")
     for model_name in args.models.split(","):
         print(f"\n### LLaMA {model_name} (rank {RANKS[model_name]})\n")
