@@ -13,9 +13,8 @@ the full gradient, so a weight accumulates its full gradient instead (:func:`nee
   keeps ``G + xi - P R``, which needs ``G``): OSD and LDAdam save nothing here;
 - dense parameters (embeddings, norms, the LM head) always accumulate their full gradient.
 
-Accumulators have the dtype the inner rule computes in: fp32, except for bf16 weights with
-unquantised states, whose projected gradients accumulate in bf16 as autograd accumulates their full
-gradients in bf16. They live in the in-backward handle only for
+Accumulators are fp32, except for bf16 weights, whose projected gradients accumulate in bf16 as
+autograd accumulates their full gradients in bf16 (``accumulator_dtype``). They live in the in-backward handle only for
 one window: they are not optimizer state and are not saved (save after ``opt.step()``).
 """
 
@@ -36,19 +35,22 @@ def needs_full_gradient(opt, group: dict, p: torch.Tensor) -> bool:
     return not state or opt._refresh_due(group, state)
 
 
-def accumulator_dtype(group: dict, p: torch.Tensor) -> torch.dtype:
-    """The dtype the inner rule computes in: the step casts ``P^T G`` to it, so one micro-batch
-    accumulated in it is bitwise the step's own projection."""
-    return compute_dtype(group, state_dtype(p))
+def accumulator_dtype(group: dict, p: torch.Tensor, accumulate: int) -> torch.dtype:
+    """One micro-batch: the dtype the inner rule computes in (the step casts ``P^T G`` to it, so this
+    is bitwise the step's own projection). Several: fp32, or bf16 for bf16 weights, as autograd sums
+    their full gradients in bf16 (at 7B shapes, rank 1024, 3.2 GB instead of 6.5 GB)."""
+    if accumulate == 1:
+        return compute_dtype(group, state_dtype(p))
+    return torch.bfloat16 if p.dtype == torch.bfloat16 else torch.float32
 
 
-def project_gradient(opt, group: dict, p: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+def project_gradient(opt, group: dict, p: torch.Tensor, grad: torch.Tensor, accumulate: int) -> torch.Tensor:
     """``P^T G`` (r, l) of one micro-batch gradient ``grad`` of ``p``, computed in fp32 (as the step
     does) and returned in the accumulator dtype."""
     state = opt.state[p]
     basis = state["projector"].to(torch.float32)  # (k, r); stored in bf16 with projector_bits=16
     reduced = project(basis, left_form(grad, state["project_left"]).to(torch.float32))
-    return reduced.to(accumulator_dtype(group, p))
+    return reduced.to(accumulator_dtype(group, p, accumulate))
 
 
 def reduced_step(opt, group: dict, p: torch.Tensor, reduced: torch.Tensor) -> None:
@@ -57,4 +59,5 @@ def reduced_step(opt, group: dict, p: torch.Tensor, reduced: torch.Tensor) -> No
         state = opt.state[p]
         state["step"] += 1
         state["inner_step"] += 1
-        opt._reduced_update(group, p, state, reduced.to(accumulator_dtype(group, p)), state["project_left"])
+        opt._reduced_update(group, p, state, reduced.to(compute_dtype(group, state_dtype(p))),
+                            state["project_left"])

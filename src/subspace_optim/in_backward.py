@@ -185,7 +185,7 @@ class InBackward:
             full = self._full.setdefault(p, self._clips() or accumulation.needs_full_gradient(
                 self.optimizer, group, p))
             if not full:
-                self._add_reduced(p, accumulation.project_gradient(self.optimizer, group, p, grad))
+                self._add_reduced(p, accumulation.project_gradient(self.optimizer, group, p, grad, self.accumulate))
                 p.grad = None
             elif not owned:  # DDP's bucket view: valid only now
                 held = self._held.get(p)
