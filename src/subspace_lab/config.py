@@ -68,6 +68,10 @@ class OptimConfig:
     scale: float = _f(0.25, "update multiplier of the projected update (GaLore's scale)")
     target_modules: str = _f("all-linear", "projected modules: 'all-linear', a comma list of "
                              "substrings (attn,mlp) or a regex")
+    state_bits: int = _f(32, "bits per stored optimizer moment (subspace optimizers): 32, 16 (bf16) "
+                         "or 8 (block-wise, needs bitsandbytes)", choices=(8, 16, 32))
+    projector_bits: int = _f(32, "bits per stored projector entry: 32 or 16 (bf16; math stays fp32)",
+                             choices=(16, 32))
 
 
 @dataclass
@@ -76,7 +80,11 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     batch_size: int = _f(16, "sequences per micro-batch per process")
-    grad_accum: int = _f(1, "micro-batches accumulated per optimizer step")
+    grad_accum: int = _f(1, "micro-batches accumulated per optimizer step (alias --accumulate)")
+    step_in_backward: bool = _f(False, "update each weight inside backward and free its gradient "
+                                "(subspace optimizers); with --grad-accum K > 1 projected weights "
+                                "accumulate in the subspace; --clip then clips per parameter and "
+                                "needs K = 1")
     steps: int | None = _f(None, "optimizer steps (if unset: from --tokens, else 200); a --resume "
                            "may change it (see --resume)")
     tokens: int | None = _f(None, "token budget; sets steps = ceil(tokens / tokens per step)")
@@ -150,6 +158,11 @@ class TrainConfig:
         check(0 <= self.data.val_fraction < 1, "data.val_fraction", "in [0, 1)")
         check(self.nonfinite in ("error", "skip"), "nonfinite", "'error' or 'skip'")
         check(self.device in ("auto", "cpu", "cuda"), "device", "auto, cpu or cuda")
+        check(self.optim.state_bits in (8, 16, 32), "optim.state_bits", "8, 16 or 32")
+        check(self.optim.projector_bits in (16, 32), "optim.projector_bits", "16 or 32")
+        if self.step_in_backward and self.grad_accum > 1 and self.clip > 0:
+            raise ValueError("config: step_in_backward with grad_accum > 1 cannot clip (the accumulated "
+                             f"full gradient is never formed); pass --clip 0, got clip={self.clip}")
         return self
 
     # ---- serialisation ----------------------------------------------------------------------

@@ -26,6 +26,8 @@ class OptimizerOptions:
     target_modules: str | list[str] = "all-linear"
     seed: int = 0
     nonfinite: str = "error"
+    state_bits: int = 32
+    projector_bits: int = 32
 
 
 def parse_target_modules(spec: str) -> str | list[str]:
@@ -36,6 +38,8 @@ def parse_target_modules(spec: str) -> str | list[str]:
 
 
 def adamw(model: torch.nn.Module, o: OptimizerOptions) -> torch.optim.Optimizer:
+    if (o.state_bits, o.projector_bits) != (32, 32):
+        raise ValueError("state_bits/projector_bits apply to the subspace optimizers; adamw is torch's AdamW")
     return torch.optim.AdamW(model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps,
                              weight_decay=o.weight_decay)
 
@@ -51,7 +55,8 @@ def subspace(class_name: str, **fixed) -> Callable[[torch.nn.Module, OptimizerOp
         group_keys.update({k: v for k, v in fixed.items() if k in group_keys})
         groups = so.subspace_param_groups(model, target_modules=o.target_modules, **group_keys)
         kwargs = dict(params=groups, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
-                      seed=o.seed, nonfinite=o.nonfinite)
+                      seed=o.seed, nonfinite=o.nonfinite, state_bits=o.state_bits,
+                      projector_bits=o.projector_bits)
         kwargs.update({k: v for k, v in fixed.items() if k not in group_keys})
         return getattr(so, class_name), kwargs
 
@@ -86,7 +91,8 @@ def options_from_config(cfg) -> OptimizerOptions:
     return OptimizerOptions(lr=o.lr, weight_decay=o.weight_decay, rank=o.rank,
                             update_proj_gap=o.update_proj_gap, scale=o.scale,
                             target_modules=parse_target_modules(o.target_modules), seed=cfg.seed,
-                            nonfinite=cfg.nonfinite)
+                            nonfinite=cfg.nonfinite, state_bits=o.state_bits,
+                            projector_bits=o.projector_bits)
 
 
 def state_bytes(opt: torch.optim.Optimizer) -> int:

@@ -26,6 +26,7 @@ import torch
 
 from . import checkpoint as ckpt
 from . import distributed as D
+from . import in_backward_step
 from .config import TrainConfig
 from .data import build_data
 from .metrics import JsonlWriter, peak_memory_mb, reset_peak_memory, rss_mb, write_summary
@@ -165,6 +166,8 @@ def train(cfg: TrainConfig, data=None) -> TrainResult:
             model, device_ids=[device.index] if dev_type == "cuda" else None)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if dev_type == "cuda" \
         else contextlib.nullcontext
+    handle = in_backward_step.start(opt, cfg, model if info.enabled else None) \
+        if cfg.step_in_backward else None
     resume_step = step if latest is not None else None
     metrics = JsonlWriter(out / "metrics.jsonl", info.is_main, resume_step)
     overlaps = JsonlWriter(out / "overlap.jsonl", info.is_main, resume_step)
@@ -219,8 +222,13 @@ def train(cfg: TrainConfig, data=None) -> TrainResult:
         run_eval()
     while step < total:
         t0, t_opt = time.perf_counter(), None
+        if handle is not None:  # updates inside backward: no global grad norm, no separate opt time
+            step_loss, was_skipped = in_backward_step.step(
+                handle, model, opt, data, cfg, info, device, autocast, NonFiniteLossError)
+            skipped += was_skipped
+            gnorm = None
         loss_sum = torch.zeros((), device=device)
-        for micro in range(cfg.grad_accum):
+        for micro in range(cfg.grad_accum if handle is None else 0):
             x = data.next_batch(cfg.batch_size, info.rank, info.world_size).to(device)
             last = micro == cfg.grad_accum - 1
             sync = model.no_sync() if info.enabled and not last else contextlib.nullcontext()
@@ -230,10 +238,13 @@ def train(cfg: TrainConfig, data=None) -> TrainResult:
                 loss = nll / n
                 (loss / cfg.grad_accum).backward()
             loss_sum += loss.detach()
-        step_loss = D.mean_across(info, loss_sum / cfg.grad_accum)
-        gnorm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(),
-                                               cfg.clip if cfg.clip > 0 else float("inf"))
-        if not bool(torch.isfinite(step_loss) & torch.isfinite(gnorm)):
+        if handle is None:
+            step_loss = D.mean_across(info, loss_sum / cfg.grad_accum)
+            gnorm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(),
+                                                   cfg.clip if cfg.clip > 0 else float("inf"))
+        if handle is not None:
+            pass  # the update ran inside backward (in_backward_step.step above)
+        elif not bool(torch.isfinite(step_loss) & torch.isfinite(gnorm)):
             opt.zero_grad(set_to_none=True)  # the update never happens: weights and state intact
             if cfg.nonfinite == "error":
                 if bar is not None:
@@ -277,7 +288,7 @@ def train(cfg: TrainConfig, data=None) -> TrainResult:
             metrics.write({
                 "event": "train", "step": step, "loss": loss_value,
                 "loss_window_mean": sum(win_losses) / len(win_losses),
-                "lr": sched.get_last_lr()[0], "grad_norm": gnorm.item(),
+                "lr": sched.get_last_lr()[0], "grad_norm": None if gnorm is None else gnorm.item(),
                 "tokens": step * tokens_per_step, "tokens_per_s": win_tokens / max(win_time, 1e-9),
                 "optimizer_state_bytes": state_bytes(opt), "peak_memory_mb": peak_memory_mb(device),
                 "rss_peak_mb": win_rss or None, "skipped_steps": skipped, "train_time_s": all_time})

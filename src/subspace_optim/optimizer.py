@@ -17,7 +17,7 @@ from torch.optim import Optimizer
 from . import error_feedback
 from .error_feedback import FEEDBACK_STAGES
 from .exact_state import ExactStateMixin
-from .functional import apply_update, back_project, left_form, project
+from .functional import apply_update, left_form, project
 from .inner import INNER_RULES
 from .grouped import FOREACH_RULES, bucket_key, dense_grouped_step, grouped_step
 from .sharding import is_dtensor, local, shards_of
@@ -26,6 +26,8 @@ from .selectors import SELECTORS, SelectionContext
 from .randomized import RANDOMIZED_DEFAULTS
 from .sides import projects_left, two_sided
 from .state_checks import prepare_loaded_state
+from .state_storage import STORAGE, compresses_dense, compute_dtype, decoded, dense_update
+from .blocked_update import back_project_and_apply
 from .transitions import TRANSITIONS
 from .validation import side_from_proj_type, validate_group, validate_nonfinite
 
@@ -40,7 +42,7 @@ BASE_EXACT_STATE_KEYS = ("step", "projector", "projector_right")
 
 def component_defaults() -> dict:
     """The group keys owned by the registered selectors, transitions and inner rules."""
-    return {**SELECTORS.defaults(), **TRANSITIONS.defaults(), **INNER_RULES.defaults()}
+    return {**SELECTORS.defaults(), **TRANSITIONS.defaults(), **INNER_RULES.defaults(), **STORAGE.defaults()}
 
 
 def _use_foreach(group: dict, p: torch.Tensor) -> bool:
@@ -129,7 +131,8 @@ class SubspaceOptimizer(ExactStateMixin, Optimizer):
         **component_options: the options of the components, each documented and validated by its
             component: ``momentum`` (``inner="sgd"``, 0.9), ``correct_bias`` (``inner="adam"``,
             True), ``rho`` (``selector="power"``, 0.908), ``osd_variant``, ``osd_alpha``,
-            ``osd_p_optimizer``, ``osd_orthonormalize`` (``selector="online_pca"``); and those of any
+            ``osd_p_optimizer``, ``osd_orthonormalize`` (``selector="online_pca"``), ``state_bits``
+            (8, 16 or 32) and ``projector_bits`` (16 or 32) (``state_storage.py``); and those of any
             component registered later. galore-torch's ``no_deprecation_warning`` is accepted and
             ignored.
 
@@ -216,6 +219,9 @@ class SubspaceOptimizer(ExactStateMixin, Optimizer):
         added = self.param_groups[-1]
         try:
             validate_group(added)
+            if (added["state_bits"] < 32 or added["projector_bits"] < 32) and any(map(is_dtensor, added["params"])):
+                raise ValueError("state_bits/projector_bits: compressed state is not supported for DTensor "
+                                 "(FSDP2-sharded) parameters yet; use 32")
             if added["subspace"]:
                 names = added.get("param_names")
                 for i, p in enumerate(added["params"]):
@@ -294,9 +300,17 @@ class SubspaceOptimizer(ExactStateMixin, Optimizer):
     def _exact_state_keys(self) -> set[str]:
         """``step``, fp32 projectors, error buffers and the components' own fp32/integer state."""
         keys = set(BASE_EXACT_STATE_KEYS) | set(error_feedback.EXACT_STATE_KEYS)
-        for registry in (SELECTORS, TRANSITIONS, INNER_RULES):
+        for registry in (SELECTORS, TRANSITIONS, INNER_RULES, STORAGE):
             keys |= registry.exact_state_keys()
         return keys
+
+    def step_in_backward(self, **options):
+        """Update each parameter inside backward, as soon as its gradient is complete, and free the
+        gradient; returns a handle whose ``remove()`` returns to ordinary ``step()``. Options
+        (``accumulate``, ``max_grad_norm``, ``two_pass``, ``ddp``) and what changes: ``in_backward.py``."""
+        from .in_backward import InBackward
+
+        return InBackward(self, **options)
 
     @property
     def skipped_steps(self) -> int:
@@ -347,12 +361,12 @@ class SubspaceOptimizer(ExactStateMixin, Optimizer):
             if self._is_projected(group, p):
                 if self._groupable(group, p, state):
                     buckets.setdefault(bucket_key(id(group), p, state), []).append((group, p))
-                else:
-                    self._subspace_update(group, key, p)
-            elif state and _use_foreach(group, p) and group["inner"] == "adam" and not is_dtensor(p):
+                    continue
+            elif (state and _use_foreach(group, p) and group["inner"] == "adam" and not is_dtensor(p)
+                  and not compresses_dense(group, p)):
                 buckets.setdefault(("dense", id(group), p.device), []).append((group, p))
-            else:
-                self._dense_update(group, p)
+                continue
+            self._update_parameter(group, key, p)
         for key, members in buckets.items():
             group, params = members[0][0], [p for _, p in members]
             states = [self.state[p] for p in params]
@@ -365,6 +379,7 @@ class SubspaceOptimizer(ExactStateMixin, Optimizer):
         """An ordinary step the grouped path can take (``grouped.py``)."""
         return (bool(state) and _use_foreach(group, p) and group["inner"] in FOREACH_RULES
                 and not group["error_feedback"] and not two_sided(group["side"]) and not is_dtensor(p)
+                and group["state_bits"] == 32 and group["projector_bits"] == 32
                 and not self._refresh_due(group, state))
 
     def _any_refresh_due(self, work) -> bool:
@@ -380,6 +395,17 @@ class SubspaceOptimizer(ExactStateMixin, Optimizer):
             return True
         return (state["step"] - state["refresh_phase"]) % group["update_proj_gap"] == 0
 
+    def _update_parameter(self, group: dict, key: str, p: torch.Tensor) -> None:
+        """One parameter's update from its gradient, after the checks: the unit that ``step`` runs
+        for every parameter and that updates inside backward (``in_backward.py``) run one at a time."""
+        if self._is_projected(group, p):
+            with decoded(self, group, p):  # compressed moments / projector as fp32 for the step
+                self._subspace_update(group, key, p)
+        elif compresses_dense(group, p):
+            dense_update(self, group, p)
+        else:
+            self._dense_update(group, p)
+
     @staticmethod
     def _is_projected(group: dict, p: torch.Tensor) -> bool:
         return group["subspace"] and p.dim() == 2 and p.numel() > 0
@@ -388,26 +414,34 @@ class SubspaceOptimizer(ExactStateMixin, Optimizer):
         """``(group, key, param)`` for every parameter with a gradient, after the checks that must
         pass before anything is modified (so a failing step changes nothing)."""
         work = []
+        for group, key, p in self._keyed_params():
+            if p.grad is None:
+                continue
+            self._check_gradient(group, key, p)
+            work.append((group, key, p))
+        return work
+
+    def _keyed_params(self):
+        """``(group, key, param)`` for every parameter: its name, or ``"group.index"``."""
         for gi, group in enumerate(self.param_groups):
             names = group.get("param_names")
             for pi, p in enumerate(group["params"]):
-                if p.grad is None:
-                    continue
-                key = names[pi] if names else f"{gi}.{pi}"
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients ({key})")
-                if torch.is_complex(p) or torch.is_complex(p.grad):
-                    raise RuntimeError(f"{type(self).__name__} does not support complex parameters ({key})")
-                state = self.state.get(p)
-                if state and self._is_projected(group, p):
-                    left, rank, _ = self._layout(group, p)
-                    if state["project_left"] != left or state["projector"].shape[1] != rank:
-                        raise ValueError(
-                            f"rank/side: parameter {key} was set up with a rank-{state['projector'].shape[1]} "
-                            f"{'left' if state['project_left'] else 'right'} projection; these cannot "
-                            "change mid-run")
-                work.append((group, key, p))
-        return work
+                yield group, (names[pi] if names else f"{gi}.{pi}"), p
+
+    def _check_gradient(self, group: dict, key: str, p: torch.Tensor) -> None:
+        """The checks that must pass before a parameter with a gradient is modified."""
+        if p.grad.is_sparse:
+            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients ({key})")
+        if torch.is_complex(p) or torch.is_complex(p.grad):
+            raise RuntimeError(f"{type(self).__name__} does not support complex parameters ({key})")
+        state = self.state.get(p)
+        if state and self._is_projected(group, p):
+            left, rank, _ = self._layout(group, p)
+            if state["project_left"] != left or state["projector"].shape[1] != rank:
+                raise ValueError(
+                    f"rank/side: parameter {key} was set up with a rank-{state['projector'].shape[1]} "
+                    f"{'left' if state['project_left'] else 'right'} projection; these cannot "
+                    "change mid-run")
 
     def _dense_update(self, group: dict, p: torch.Tensor) -> None:
         inner = INNER_RULES.lookup(group["inner"])
@@ -453,19 +487,29 @@ class SubspaceOptimizer(ExactStateMixin, Optimizer):
         right = view.get("projector_right")  # (l, r), two-sided projections only
         view["step"] += 1
         view["inner_step"] += 1
-        reduced = shard.sum_k(project(basis, grad, right)).to(state_dtype(p))  # (r, l), or (r, r) two-sided
+        reduced = shard.sum_k(project(basis, grad, right))  # (r, l), or (r, r) two-sided
+        reduced = reduced.to(compute_dtype(group, state_dtype(p)))
         feedback.store(view, grad, basis, reduced, lost, inner.feedback_coefficient(group), left)
-        d = inner.direction(reduced, view, group, view["inner_step"])
-        update = back_project(basis, d.ratio().to(torch.float32), left, right)
-        step_size = d.step_size(group["lr"])
-        if inner.sign_after_backprojection:
-            update = update.sign()  # Lion: the sign makes the scale irrelevant
-        else:
-            step_size = step_size * group["scale"]
-        apply_update(local(p), update.to(p.dtype), None, step_size, group["lr"], group["weight_decay"],
-                     inner.decay_after_update)
+        del grad  # for a bf16 weight an fp32 copy of its gradient: gone before the update is formed
+        self._reduced_update(group, p, view, reduced, left)
         if shard.sharded:
             self._store_sharded(state, view, shard, group, inner)
+
+    def _reduced_update(self, group: dict, p: torch.Tensor, state: dict, reduced: torch.Tensor,
+                        left: bool) -> None:
+        """The inner rule on the projected gradient ``reduced`` (r, l) and the back-projected update of
+        ``p``, with the step counters already advanced (accumulation in the subspace enters here).
+        ``state`` holds local tensors (a sharded weight's shards)."""
+        inner = INNER_RULES.lookup(group["inner"])
+        d = inner.direction(reduced, state, group, state["inner_step"])
+        step_size = d.step_size(group["lr"])
+        if not inner.sign_after_backprojection:  # Lion: the sign makes the scale irrelevant
+            step_size = step_size * group["scale"]
+        # fp32 weights: U = P N at once (the reference); lower precision: row blocks of U, each added
+        # to the weight with one rounding (blocked_update.py)
+        back_project_and_apply(local(p), state["projector"], d.ratio().to(torch.float32), left, step_size,
+                               group["lr"], group["weight_decay"], inner.sign_after_backprojection,
+                               right=state.get("projector_right"), decay_after_update=inner.decay_after_update)
 
     @staticmethod
     def _store_sharded(state: dict, view: dict, shard, group: dict, inner) -> None:
@@ -505,7 +549,8 @@ class SubspaceOptimizer(ExactStateMixin, Optimizer):
         lost = None
         if previous is None:
             cols = rank if two_sided(group["side"]) else grad.shape[1]
-            inner.init_state(state, torch.empty((rank, cols), dtype=state_dtype(p), device=grad.device))
+            dtype = compute_dtype(group, state_dtype(p))
+            inner.init_state(state, torch.empty((rank, cols), dtype=dtype, device=grad.device))
         else:
             state["overlap"] = shard.overlap(previous, basis)
             before = feedback.momentum_mass(state, inner, previous)

@@ -20,6 +20,7 @@ from . import error_feedback
 from .inner import INNER_RULES
 from .selectors import SELECTORS
 from .sides import two_sided
+from .state_storage import stored_keys
 from .validation import validate_group
 
 # Group keys that define the method: loading a state saved with other values changes what the
@@ -87,11 +88,10 @@ def _check_param_state(param_state: dict, group: dict, p: torch.Tensor, optimize
     param_state = dict(param_state)
     inner = INNER_RULES.lookup(group["inner"])
     projected = optimizer._is_projected(group, p)
-    _require(param_state, ("step", *inner.state_keys), where)
+    _require(param_state, ("step",), where)
     if not projected:
         _check_tensor(param_state["step"], where, "step", shape=())
-        for key in inner.state_keys:
-            _check_tensor(param_state[key], where, key, shape=tuple(p.shape))
+        _check_moments(param_state, group, inner, tuple(p.shape), where)
         return param_state
     for key, value in STATE_KEY_DEFAULTS.items():
         param_state.setdefault(key, value)
@@ -105,14 +105,14 @@ def _check_param_state(param_state: dict, group: dict, p: torch.Tensor, optimize
                          f"{'left' if left else 'right'}")
     l = p.shape[1] if left else p.shape[0]
     k = p.shape[0] if left else p.shape[1]
-    _check_tensor(param_state["projector"], where, "projector", shape=(k, rank), dtype=torch.float32)
+    basis_dtype = torch.bfloat16 if group["projector_bits"] == 16 else torch.float32
+    _check_tensor(param_state["projector"], where, "projector", shape=(k, rank), dtype=basis_dtype)
     if two_sided(group["side"]):
         _require(param_state, ("projector_right",), where)
         _check_tensor(param_state["projector_right"], where, "projector_right", shape=(l, rank),
                       dtype=torch.float32)
         l = rank
-    for key in inner.state_keys:
-        _check_tensor(param_state[key], where, key, shape=(rank, l))
+    _check_moments(param_state, group, inner, (rank, l), where)
     for key in PROJECTED_INT_KEYS:
         value = param_state[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -128,6 +128,14 @@ def _check_param_state(param_state: dict, group: dict, p: torch.Tensor, optimize
         elif isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"{where}: {key} is {value}")
     return param_state
+
+
+def _check_moments(param_state: dict, group: dict, inner, shape: tuple, where: str) -> None:
+    """The inner rule's moments, as stored (``state_storage.py``: plain, 8-bit codes or bf16)."""
+    for key in inner.state_keys:
+        keys = stored_keys(group, key, math.prod(shape))
+        _require(param_state, keys, where)
+        _check_tensor(param_state[keys[0]], where, keys[0], shape=shape)  # values, codes or bf16
 
 
 def _require(param_state: dict, keys, where: str) -> None:

@@ -10,6 +10,7 @@ from .linalg import SVD_METHODS
 from .randomized import validate_randomized
 from .selectors import SELECTORS
 from .sides import PROJ_TYPE_TO_SIDE, SIDES, two_sided
+from .state_storage import STORAGE
 from .transitions import TRANSITIONS
 
 
@@ -28,6 +29,7 @@ def validate_group(group: dict) -> None:
         check_bool("foreach", group["foreach"])
     check_choice("inner", group["inner"], sorted(INNER_RULES))
     INNER_RULES.validate(group)
+    STORAGE.validate(group)
     if not group["subspace"]:
         return
     check_int("rank", group["rank"], 1)

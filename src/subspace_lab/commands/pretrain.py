@@ -2,6 +2,7 @@
 Distributed: `torchrun --nproc_per_node N -m subspace_lab.cli pretrain ...`."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -13,6 +14,8 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("pretrain", help="pretrain a LLaMA-style model with one optimizer",
                               description=__doc__)
     add_config_args(p)
+    p.add_argument("--accumulate", dest="grad_accum", type=int, metavar="INT", default=argparse.SUPPRESS,
+                   help="alias of --grad-accum (with --step-in-backward: accumulation in the subspace)")
     p.set_defaults(func=run)
 
 
