@@ -1,5 +1,5 @@
 """LDAdamW: power selector, rotate transition and generalised error feedback (S13), against a plain
-re-implementation of the official code's step (shared/reference/algorithms.md 4(a))."""
+re-implementation of the official code's step (arXiv 2410.16103, IST-DASLab/LDAdam)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from subspace_optim.linalg import orthonormalize, svd_fp32
 
 
 def ldadam_reference(w0, grads, lr=1e-2, betas=(0.908, 0.99), eps=1e-8, rank=2, rho=0.908):
-    """LDAdam for a left-projected (m <= n) matrix, steps 1-9 of algorithms.md 4(a), in fp32."""
+    """LDAdam for a left-projected (m <= n) matrix, one official-code step per gradient, in fp32:
+    error-corrected gradient, power-iteration basis, rotated moments, error buffer, Adam update."""
     b1, b2 = betas
     w, xi, P, m, v, k = w0.clone(), torch.zeros_like(w0), None, None, None, 0
     for g in grads:
