@@ -31,6 +31,7 @@ WORKER = textwrap.dedent("""
     torch.save({"params": res.model.state_dict(), "batches": seen, "losses": res.losses},
                os.path.join(sys.argv[2], f"rank{rank}.pt"))
     dist.destroy_process_group()
+    os._exit(0)  # gloo's threads can abort interpreter teardown at random (docs/testing.md, "Harness")
 """)
 
 
