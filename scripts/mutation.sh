@@ -25,7 +25,9 @@ if [ "${1:-}" != "--summary" ]; then
   [ "${MUTATION_RESUME:-0}" = 1 ] || rm -rf mutants
   mkdir -p mutants
   if [ -n "${MUTATION_SAMPLE:-}" ] && [ $# -eq 0 ]; then
-    run "__generate_only__"  # mutants and test statistics, no mutant run
+    # mutants and test statistics only: no mutant has this name, so mutmut stops after them
+    mutmut run --max-children "${MUTATION_JOBS:-2}" "__generate_only__" >> mutants/run.log 2>&1 || true
+    [ -f mutants/mutmut-stats.json ] || { tail -40 mutants/run.log; exit 1; }
     mutmut results --all true | .venv/bin/python -c "
 import random, sys
 names = sorted(line.split(':')[0].strip() for line in sys.stdin if '__mutmut_' in line)
