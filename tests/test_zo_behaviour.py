@@ -44,7 +44,7 @@ def closure_for(model, seed=0):
     (dict(nonfinite="ignore"), "nonfinite"), (dict(exact_restore="yes"), "exact_restore"),
 ])
 def test_bad_hyperparameters_name_the_argument(cls, kwargs, arg):
-    with pytest.raises(ValueError, match=arg):
+    with pytest.raises(ValueError, match=rf"^{arg} must"):
         cls(small_model().parameters(), **kwargs)
 
 
@@ -53,8 +53,16 @@ def test_bad_hyperparameters_name_the_argument(cls, kwargs, arg):
     (dict(reshape_min_dim=-1), "reshape_min_dim"),
 ])
 def test_bad_subzero_hyperparameters(kwargs, arg):
-    with pytest.raises(ValueError, match=arg):
+    with pytest.raises(ValueError, match=rf"^{arg} must"):
         SubZero(small_model().parameters(), **kwargs)
+
+
+def test_subzero_smallest_valid_settings_accepted():
+    """The lower bounds themselves are valid: rank 1, a refresh every step, no reshape."""
+    model = small_model()
+    opt = SubZero(model.named_parameters(), rank=1, update_proj_gap=1, reshape_min_dim=0)
+    opt.step(closure_for(model))
+    assert opt.state[model[0].weight]["U"].shape[1] == 1
 
 
 def test_eps_must_agree_across_groups():
