@@ -48,3 +48,21 @@ def test_canonical_signs_and_random_orthonormal():
     assert torch.equal(canonical_signs(q), flipped)
     assert subspace_overlap(q, q) == pytest.approx(1.0, abs=1e-6)
     assert subspace_overlap(torch.eye(6)[:, :2], torch.eye(6)[:, 2:4]) == 0.0
+
+
+@pytest.mark.parametrize("selector", ["dominant", "online_pca", "power"])
+@pytest.mark.parametrize("method", ["svd", "gram"])
+def test_first_basis_comes_from_the_chosen_factorisation(selector, method):
+    """``svd_method`` reaches every selector that factorises the gradient (online_pca and power at a
+    parameter's first step): the basis is that path's top-r vectors, bit for bit."""
+    from torch import nn
+
+    from subspace_optim import SubspaceOptimizer
+
+    grad = planted(6, 10, [3.0, 2.0, 1.0, 0.5, 0.2, 0.1], seed=3)
+    w = nn.Parameter(torch.zeros(6, 10))
+    opt = SubspaceOptimizer([{"params": [w], "subspace": True}], rank=2, selector=selector, svd_method=method)
+    w.grad = grad
+    opt.step()
+    expected = (svd_gram_fp32 if method == "gram" else svd_fp32)(grad)[0][:, :2]
+    assert torch.equal(opt.state[w]["projector"], expected)
