@@ -462,3 +462,16 @@ def test_s10_huge_finite_gradient_is_not_mistaken_for_nonfinite(info):
         p.grad = torch.full_like(p, 3e38)
     opt.step()
     assert opt.skipped_steps == 0 and int(opt.state[model.up.weight]["step"]) == 1
+
+
+@pytest.mark.parametrize("selector", ["dominant", "importance", "online_pca", "power"])
+def test_s10_zero_gradient_fallback_is_for_zero_only(selector):
+    """A gradient whose top singular value is exactly 1 is not "all zero": its basis is its own
+    singular vector (the second axis here), not the fallback's first coordinate axes."""
+    w = nn.Parameter(torch.zeros(4, 6))
+    opt = SubspaceOptimizer([{"params": [w], "subspace": True}], rank=1, selector=selector)
+    grad = torch.zeros(4, 6)
+    grad[1, 0] = 1.0
+    w.grad = grad
+    opt.step()
+    assert torch.equal(opt.state[w]["projector"], torch.eye(4)[:, 1:2])

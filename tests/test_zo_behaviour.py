@@ -159,14 +159,15 @@ def test_weight_decay_is_decoupled_and_skips_1d_parameters(cls):
             assert torch.equal(p, before[n])
 
 
-def test_momentum_matches_heavy_ball_on_regenerated_directions():
+@pytest.mark.parametrize("exact_restore", [False, True])  # the fused path, and restore-then-update
+def test_momentum_matches_heavy_ball_on_regenerated_directions(exact_restore):
     # A linear loss <c, w> makes the two-sided estimate exact: g = <c, z>.
     g0 = torch.Generator().manual_seed(0)
     c = torch.randn(7, 5, generator=g0, dtype=torch.float64)
     w = nn.Parameter(torch.randn(7, 5, generator=g0, dtype=torch.float64))
     ref = w.detach().clone()
     buf = torch.zeros_like(ref)
-    opt = MeZO([w], lr=1e-2, momentum=0.9, seed=5)
+    opt = MeZO([w], lr=1e-2, momentum=0.9, seed=5, exact_restore=exact_restore)
     for _ in range(4):
         group, p, key = opt._entries()[0]
         z = opt._direction(group, p, key)
