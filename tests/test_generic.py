@@ -434,3 +434,14 @@ def test_g21_state_bytes_match_formula(info):
 def test_warns_when_nothing_is_projected():
     with pytest.warns(UserWarning, match="no parameter group is projected"):
         SubspaceOptimizer(TinyNet().parameters())
+
+
+@ALL
+def test_g10_unpickles_a_pickle_without_newer_attributes(info):
+    """An optimizer pickled by a version without the per-optimizer settings gets their defaults."""
+    _, opt = build(info, nonfinite="skip")
+    state = opt.__getstate__()
+    del state["nonfinite"], state["_default_subspace"]
+    clone = type(opt).__new__(type(opt))
+    clone.__setstate__(state)
+    assert clone.nonfinite == "error" and clone._default_subspace is None

@@ -241,3 +241,22 @@ def test_P_trajectory_matches_autograd_and_torch_adamw_reference(variant):
     for t, (a, b) in enumerate(zip(ours, reference)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m, t=t: f"step {t}: {m}")
     assert not torch.equal(ours[1], ours[-1])
+
+
+def test_code_variant_with_sgd_P_has_no_P_weight_decay():
+    w = nn.Parameter(torch.randn(6, 10))
+    opt = OnlineSubspaceAdamW([{"params": [w], "rank": 2}], osd_variant="code", osd_p_optimizer="sgd")
+    for _ in range(2):
+        w.grad = torch.randn(6, 10)
+        opt.step()
+    assert opt.state[w]["osd_weight_decay"] == 0.0  # torch.optim.SGD's default, as the code uses
+
+
+def test_switching_the_P_optimizer_mid_run_drops_the_old_state():
+    w = nn.Parameter(torch.randn(6, 10))
+    opt = OnlineSubspaceAdamW([{"params": [w], "rank": 2}])
+    for p_opt in ("adam", "adam", "sgd", "sgd"):
+        opt.param_groups[0]["osd_p_optimizer"] = p_opt
+        w.grad = torch.randn(6, 10)
+        opt.step()
+    assert "osd_grad" in opt.state[w] and not {"osd_exp_avg", "osd_exp_avg_sq"} & opt.state[w].keys()
