@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
+import itertools
 
 import torch
 from torch import nn
@@ -54,6 +55,14 @@ def train(model, opt, data):
     return losses
 
 
+def rounding_tolerance(*tensors: torch.Tensor, ulps: int = 8) -> float:
+    """An absolute tolerance for rounding, relative to the size of what was computed: ``ulps``
+    units in the last place of the largest magnitude among ``tensors`` (docs/testing.md,
+    "Portability"). Other CPU kernels round differently; this scales with the values."""
+    eps = max(torch.finfo(t.dtype).eps for t in tensors)
+    return ulps * eps * max(float(t.detach().abs().max()) for t in tensors if t.numel())
+
+
 def state_equal(a: dict, b: dict) -> bool:
     """Bitwise equality of two (nested) optimizer state dicts."""
     if isinstance(a, torch.Tensor):
@@ -100,3 +109,23 @@ def assert_resumes_identically(make_optimizer, data, k: int, via_file: bool) -> 
 
 def snapshot(model, opt):
     return copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+
+
+def plackett_luce_marginals(weights, r: int) -> list[float]:
+    """Exact inclusion probabilities of each index when ``r`` indices are drawn one at a time without
+    replacement, each with probability proportional to the weights left (docs/testing.md, S14).
+    Enumerates every ordered draw: for small problems only."""
+    total = float(sum(weights))
+    w = [x / total for x in weights]
+    incl = [0.0] * len(w)
+    for perm in itertools.permutations(range(len(w)), r):
+        prob, remaining = 1.0, 1.0
+        for i in perm:
+            if w[i] == 0:
+                prob = 0.0
+                break
+            prob *= w[i] / remaining
+            remaining -= w[i]
+        for i in perm:
+            incl[i] += prob
+    return incl

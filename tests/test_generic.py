@@ -1,4 +1,4 @@
-"""Generic optimizer properties G1-G21 (shared/reference/testing.md B5) over tests/optim_db.py."""
+"""Generic optimizer properties G1-G21 (docs/testing.md) over tests/optim_db.py."""
 
 from __future__ import annotations
 
@@ -268,12 +268,18 @@ def test_g11_named_and_unnamed_state_dicts(info):
 # --------------------------------------------------------------------------------------- G12
 @ALL
 def test_g12_deepcopy_repr_state(info):
-    model, opt = build(info)
+    model, opt = build(info, nonfinite="skip")  # not the default: the copy must carry it
     train(model, opt, batches(1))
-    assert len(opt.state) > 0 and repr(opt)
+    assert set(opt.state) == set(model.parameters())  # every parameter got its state at its first step
+    text = repr(opt)  # torch's format: the class, then every group's settings
+    assert text.startswith(f"{type(opt).__name__} (") and "Parameter Group 1" in text
+    assert f"rank: {info.kwargs['rank']}" in text and f"lr: {info.kwargs['lr']}" in text
     clone = copy.deepcopy(opt)
-    assert clone.nonfinite == opt.nonfinite
+    assert (clone.nonfinite, clone.defaults) == ("skip", opt.defaults)
     assert state_equal(clone.state_dict(), opt.state_dict())
+    # a deep copy: its state tensors are its own
+    ours = {t.data_ptr() for st in opt.state.values() for t in st.values() if isinstance(t, torch.Tensor)}
+    assert not ours & {t.data_ptr() for st in clone.state.values() for t in st.values() if isinstance(t, torch.Tensor)}
 
 
 # --------------------------------------------------------------------------------------- G13
@@ -297,9 +303,14 @@ def test_g13_hooks_fire(info):
 def test_g14_closure(info):
     model, opt = build(info)
     batch = batches(1)[0]
+    with torch.no_grad():
+        expected = loss_of(model, batch)  # the loss at the weights before the step
+    before = copy.deepcopy(model.state_dict())
+    calls = []
 
     def closure():
         assert torch.is_grad_enabled()
+        calls.append(1)
         opt.zero_grad()
         loss = loss_of(model, batch)
         loss.backward()
@@ -307,7 +318,8 @@ def test_g14_closure(info):
 
     with torch.no_grad():
         loss = opt.step(closure)
-    assert isinstance(loss, torch.Tensor) and loss.item() > 0
+    assert calls == [1] and torch.equal(loss.detach(), expected)
+    assert not torch.equal(model.up.weight, before["up.weight"])  # the step used the closure's gradients
 
 
 # --------------------------------------------------------------------------------------- G15
@@ -422,3 +434,14 @@ def test_g21_state_bytes_match_formula(info):
 def test_warns_when_nothing_is_projected():
     with pytest.warns(UserWarning, match="no parameter group is projected"):
         SubspaceOptimizer(TinyNet().parameters())
+
+
+@ALL
+def test_g10_unpickles_a_pickle_without_newer_attributes(info):
+    """An optimizer pickled by a version without the per-optimizer settings gets their defaults."""
+    _, opt = build(info, nonfinite="skip")
+    state = opt.__getstate__()
+    del state["nonfinite"], state["_default_subspace"]
+    clone = type(opt).__new__(type(opt))
+    clone.__setstate__(state)
+    assert clone.nonfinite == "error" and clone._default_subspace is None

@@ -1,5 +1,5 @@
 """LDAdamW: power selector, rotate transition and generalised error feedback (S13), against a plain
-re-implementation of the official code's step (shared/reference/algorithms.md 4(a))."""
+re-implementation of the official code's step (arXiv 2410.16103, IST-DASLab/LDAdam)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from subspace_optim.linalg import orthonormalize, svd_fp32
 
 
 def ldadam_reference(w0, grads, lr=1e-2, betas=(0.908, 0.99), eps=1e-8, rank=2, rho=0.908):
-    """LDAdam for a left-projected (m <= n) matrix, steps 1-9 of algorithms.md 4(a), in fp32."""
+    """LDAdam for a left-projected (m <= n) matrix, one official-code step per gradient, in fp32:
+    error-corrected gradient, power-iteration basis, rotated moments, error buffer, Adam update."""
     b1, b2 = betas
     w, xi, P, m, v, k = w0.clone(), torch.zeros_like(w0), None, None, None, 0
     for g in grads:
@@ -162,3 +163,26 @@ def test_zero_gradient_keeps_everything_finite():
         opt.step()
     st = opt.state[w]
     assert torch.isfinite(st["projector"]).all() and not st["error_buffer"].any()
+
+
+@pytest.mark.parametrize("inner,key,unit", [
+    ("adam", "exp_avg", lambda k: 1 / (1 - 0.8**k)),  # m / (1 - beta1^k)
+    ("lion", "exp_avg", lambda k: 1 / (1 - 0.9**k)),  # m / (1 - beta2^k): Lion's m uses beta2
+    ("sgd", "momentum_buffer", lambda k: (1 - 0.5) / (1 - 0.5**k)),  # b (1 - mu) / (1 - mu^k)
+])
+def test_power_selector_reads_each_inner_rules_momentum_in_gradient_units(inner, key, unit):
+    """One block power iteration on b = rho P m_hat + (1 - rho) G, m_hat the inner rule's momentum as
+    a weighted mean of past gradients; checked at the third step (k = 2 steps done)."""
+    g = torch.Generator().manual_seed(5)
+    grads = [torch.randn(6, 10, generator=g) for _ in range(3)]
+    w = nn.Parameter(torch.zeros(6, 10))
+    opt = SubspaceOptimizer([{"params": [w], "subspace": True}], rank=2, selector="power", inner=inner,
+                            betas=(0.8, 0.9), momentum=0.5, rho=0.7, lr=1e-2)
+    for grad in grads[:2]:
+        w.grad = grad.clone()
+        opt.step()
+    P, m = opt.state[w]["projector"].clone(), opt.state[w][key].float().clone()
+    w.grad = grads[2].clone()
+    opt.step()
+    b = 0.7 * (P @ (m * unit(2))) + 0.3 * grads[2]
+    torch.testing.assert_close(opt.state[w]["projector"], orthonormalize(b @ (b.T @ P)), atol=1e-5, rtol=0)

@@ -22,7 +22,9 @@ def test_gram_path_matches_svd_reference(shape):
     u_ref, s_ref = svd_fp32(a)
     u, s = svd_gram_fp32(a)
     assert u.shape == u_ref.shape and s.shape == s_ref.shape
-    torch.testing.assert_close(s, s_ref, atol=1e-4 * s_ref[0].item(), rtol=0)
+    # forming A A^T squares the condition number: a singular value's error is up to about
+    # sqrt(eps) * s_1 (documented); measured 5.6e-5 * s_1 at most across CPU capabilities
+    torch.testing.assert_close(s, s_ref, atol=1e-3 * s_ref[0].item(), rtol=0)
     # vectors of well-separated singular values agree up to rounding (signs are canonical)
     top = 6
     torch.testing.assert_close(u[:, :top], u_ref[:, :top], atol=2e-3, rtol=0)
@@ -41,8 +43,26 @@ def test_selectors_pick_the_same_subspace_with_either_method(selector):
 
 def test_canonical_signs_and_random_orthonormal():
     q = random_orthonormal(9, 4, torch.Generator().manual_seed(0))
-    torch.testing.assert_close(q.T @ q, torch.eye(4), atol=1e-6, rtol=0)
+    torch.testing.assert_close(q.T @ q, torch.eye(4), atol=1e-5, rtol=0)  # unit scale: atol is relative
     flipped = canonical_signs(-q)
     assert torch.equal(canonical_signs(q), flipped)
     assert subspace_overlap(q, q) == pytest.approx(1.0, abs=1e-6)
     assert subspace_overlap(torch.eye(6)[:, :2], torch.eye(6)[:, 2:4]) == 0.0
+
+
+@pytest.mark.parametrize("selector", ["dominant", "online_pca", "power"])
+@pytest.mark.parametrize("method", ["svd", "gram"])
+def test_first_basis_comes_from_the_chosen_factorisation(selector, method):
+    """``svd_method`` reaches every selector that factorises the gradient (online_pca and power at a
+    parameter's first step): the basis is that path's top-r vectors, bit for bit."""
+    from torch import nn
+
+    from subspace_optim import SubspaceOptimizer
+
+    grad = planted(6, 10, [3.0, 2.0, 1.0, 0.5, 0.2, 0.1], seed=3)
+    w = nn.Parameter(torch.zeros(6, 10))
+    opt = SubspaceOptimizer([{"params": [w], "subspace": True}], rank=2, selector=selector, svd_method=method)
+    w.grad = grad
+    opt.step()
+    expected = (svd_gram_fp32 if method == "gram" else svd_fp32)(grad)[0][:, :2]
+    assert torch.equal(opt.state[w]["projector"], expected)

@@ -1,4 +1,4 @@
-"""MeZO and SubZero: the zeroth-order properties Z1-Z8 of testing.md B7, the estimator's expectation
+"""MeZO and SubZero: the zeroth-order properties Z1-Z8 of docs/testing.md, the estimator's expectation
 on a quadratic, precision of the perturb/restore round trip, resume, and bad input."""
 
 from __future__ import annotations

@@ -297,9 +297,15 @@ class SubspaceOptimizer(ExactStateMixin, Optimizer):
     def _prepare_loaded_state(self, state_dict: dict) -> dict:
         return prepare_loaded_state(self, state_dict, getattr(self, "_allow_method_change", False))
 
+    def _moment_dtype(self, group: dict, p: torch.Tensor) -> torch.dtype:
+        """The dtype this optimizer keeps ``p``'s (uncompressed) moments in."""
+        return compute_dtype(group, state_dtype(p)) if self._is_projected(group, p) else p.dtype
+
     def _exact_state_keys(self) -> set[str]:
-        """``step``, fp32 projectors, error buffers and the components' own fp32/integer state."""
+        """``step``, fp32 projectors, error buffers, the inner rules' moments (given their dtype by
+        ``state_checks``) and the components' own fp32/integer state."""
         keys = set(BASE_EXACT_STATE_KEYS) | set(error_feedback.EXACT_STATE_KEYS)
+        keys |= {key for rule in INNER_RULES.values() for key in rule.state_keys}
         for registry in (SELECTORS, TRANSITIONS, INNER_RULES, STORAGE):
             keys |= registry.exact_state_keys()
         return keys

@@ -91,7 +91,7 @@ def _check_param_state(param_state: dict, group: dict, p: torch.Tensor, optimize
     _require(param_state, ("step",), where)
     if not projected:
         _check_tensor(param_state["step"], where, "step", shape=())
-        _check_moments(param_state, group, inner, tuple(p.shape), where)
+        _check_moments(param_state, group, inner, tuple(p.shape), where, optimizer._moment_dtype(group, p))
         return param_state
     for key, value in STATE_KEY_DEFAULTS.items():
         param_state.setdefault(key, value)
@@ -112,7 +112,7 @@ def _check_param_state(param_state: dict, group: dict, p: torch.Tensor, optimize
         _check_tensor(param_state["projector_right"], where, "projector_right", shape=(l, rank),
                       dtype=torch.float32)
         l = rank
-    _check_moments(param_state, group, inner, (rank, l), where)
+    _check_moments(param_state, group, inner, (rank, l), where, optimizer._moment_dtype(group, p))
     for key in PROJECTED_INT_KEYS:
         value = param_state[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -130,12 +130,16 @@ def _check_param_state(param_state: dict, group: dict, p: torch.Tensor, optimize
     return param_state
 
 
-def _check_moments(param_state: dict, group: dict, inner, shape: tuple, where: str) -> None:
-    """The inner rule's moments, as stored (``state_storage.py``: plain, 8-bit codes or bf16)."""
+def _check_moments(param_state: dict, group: dict, inner, shape: tuple, where: str, dtype) -> None:
+    """The inner rule's moments, as stored (``state_storage.py``: plain, 8-bit codes or bf16); plain
+    moments are given the dtype this optimizer keeps them in (``dtype``: e.g. fp32 for an fp16
+    weight's subspace state), which torch's load would otherwise replace by the weight's."""
     for key in inner.state_keys:
         keys = stored_keys(group, key, math.prod(shape))
         _require(param_state, keys, where)
         _check_tensor(param_state[keys[0]], where, keys[0], shape=shape)  # values, codes or bf16
+        if keys == (key,):
+            param_state[key] = param_state[key].to(dtype)
 
 
 def _require(param_state: dict, keys, where: str) -> None:

@@ -37,10 +37,11 @@ def test_split_is_deterministic_and_disjoint(lab_cache):
     assert not any(tuple(r) in train_rows for r in a.val.tolist())
 
 
-def test_tokenizer_is_cached(lab_cache):
-    cfg = _cfg(lab_cache, max_docs=12, vocab_size=300)
+def test_tokenizer_is_cached(tmp_path):
+    # its own cache: the session's cache may already hold other 300-token tokenizers (random order)
+    cfg = _cfg(tmp_path, max_docs=12, vocab_size=300)
     a = build_data(cfg, 0)
-    files = list((lab_cache / "tokenizers").glob("bpe-300-*.json"))
+    files = list((tmp_path / "tokenizers").glob("bpe-300-*.json"))
     assert len(files) == 1
     mtime = files[0].stat().st_mtime_ns
     b = build_data(cfg, 0)

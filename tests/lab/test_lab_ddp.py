@@ -31,6 +31,7 @@ WORKER = textwrap.dedent("""
     torch.save({"params": res.model.state_dict(), "batches": seen, "losses": res.losses},
                os.path.join(sys.argv[2], f"rank{rank}.pt"))
     dist.destroy_process_group()
+    os._exit(0)  # gloo's threads can abort interpreter teardown at random (docs/testing.md, "Harness")
 """)
 
 
@@ -42,7 +43,10 @@ def test_ddp_two_cpu_ranks(tmp_path, lab_cache):
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          str(tmp_path / "worker.py"), str(tmp_path / "cfg.json"), str(tmp_path)],
-        capture_output=True, text=True, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+        capture_output=True, text=True,
+        # this tree's library, not whatever copy is installed (docs/testing.md, "Harness rules")
+        env={**__import__("os").environ, "OMP_NUM_THREADS": "1",
+             "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")})
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)

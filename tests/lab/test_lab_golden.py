@@ -1,6 +1,12 @@
-"""H6 golden losses: for each registered optimizer, a micro LLaMA trained 20 steps on CPU gives
-exactly the losses in tests/golden/<name>.txt (one repr'd float per line). Regenerate only on
-purpose, after an intended numerical change:
+"""H6 golden losses (docs/testing.md): for each registered optimizer, a micro LLaMA trained 20 steps
+on CPU gives the losses in tests/golden/<name>.txt (one repr'd float per line).
+
+The files were written on one machine and are compared on others, whose CPUs run other kernels
+(vectorisation width, BLAS blocking): each loss must match to a relative tolerance, not bitwise.
+GOLDEN_RTOL comes from measurement (docs/testing.md, "Portability"): over the 20 steps the losses
+differ between ATEN_CPU_CAPABILITY=default, avx2 and avx512 by at most 3.6e-7 relative; a 1% change
+of the learning rate moves them by 8e-4 or more, dropping GaLore's `scale` by 2e-2.
+Regenerate only on purpose, after an intended numerical change:
 
     SUBSPACE_REGEN_GOLDEN=1 .venv/bin/python -m pytest tests/lab/test_lab_golden.py
 """
@@ -16,22 +22,46 @@ from subspace_lab.train import train
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 REGEN = os.environ.get("SUBSPACE_REGEN_GOLDEN") == "1"
+GOLDEN_RTOL = 1e-5  # about 28x the spread measured across CPU capabilities
+
+
+def golden_losses(name: str) -> list[float]:
+    path = GOLDEN / f"{name}.txt"
+    if not path.exists():
+        pytest.fail(f"no golden file {path} for optimizer {name!r}; create it with "
+                    f"SUBSPACE_REGEN_GOLDEN=1 (see this module's docstring)")
+    return [float(line) for line in path.read_text().split()]
+
+
+def assert_matches_golden(losses: list[float], expected: list[float]) -> None:
+    assert len(losses) == len(expected)
+    torch.testing.assert_close(torch.tensor(losses, dtype=torch.float64),
+                               torch.tensor(expected, dtype=torch.float64), rtol=GOLDEN_RTOL, atol=0)
+
+
+def run_losses(tmp_path, cache, name: str, **over) -> list[float]:
+    cfg = make_cfg(tmp_path / name, cache, optim__name=name, steps=20, eval_every=0, device="cpu", **over)
+    return train(cfg).losses
 
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_golden_losses(tmp_path, lab_cache, name):
     if torch.cuda.is_available():
-        pytest.skip("golden losses are exact on CPU only")
-    cfg = make_cfg(tmp_path / name, lab_cache, optim__name=name, steps=20, eval_every=0,
-                   device="cpu")
-    losses = train(cfg).losses
-    path = GOLDEN / f"{name}.txt"
+        pytest.skip("golden losses are recorded on CPU")
+    losses = run_losses(tmp_path, lab_cache, name)
     if REGEN:
         GOLDEN.mkdir(exist_ok=True)
-        path.write_text("".join(f"{x!r}\n" for x in losses))
-    if not path.exists():
-        pytest.fail(f"no golden file {path} for optimizer {name!r}; create it with "
-                    f"SUBSPACE_REGEN_GOLDEN=1 (see this module's docstring)")
-    expected = [float(line) for line in path.read_text().split()]
-    assert losses == expected
+        (GOLDEN / f"{name}.txt").write_text("".join(f"{x!r}\n" for x in losses))
+    assert_matches_golden(losses, golden_losses(name))
     assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("change", [dict(optim__lr=1.01e-2), dict(optim__scale=1.0)], ids=["lr+1%", "no-scale"])
+def test_golden_tolerance_still_catches_small_changes(tmp_path, lab_cache, change):
+    """The tolerance is loose enough for other kernels and tight enough for plausible bugs: a 1%
+    larger learning rate, or GaLore's `scale` (0.25 in the lab) not applied."""
+    if torch.cuda.is_available():
+        pytest.skip("golden losses are recorded on CPU")
+    losses = run_losses(tmp_path, lab_cache, "galore", **change)
+    with pytest.raises(AssertionError):
+        assert_matches_golden(losses, golden_losses("galore"))
