@@ -11,7 +11,7 @@ from subspace_lab.config import TrainConfig
 
 def make_cfg(out_dir, cache_dir, **over) -> TrainConfig:
     cfg = TrainConfig()
-    cfg.model.name = "micro"
+    cfg.model = "micro"
     cfg.data.source = "kjv"
     cfg.data.max_docs = 40
     cfg.data.vocab_size = 512
