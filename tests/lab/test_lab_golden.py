@@ -11,18 +11,18 @@ import pytest
 import torch
 
 from lab_helpers import lab_cache, make_cfg  # noqa: F401
-from subspace_lab.optimizers import OPTIMIZERS
+from subspace_lab.optimizers import METHODS
 from subspace_lab.train import train
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 REGEN = os.environ.get("SUBSPACE_REGEN_GOLDEN") == "1"
 
 
-@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("name", sorted(set(METHODS) - {"subspace"}))  # subspace: below
 def test_golden_losses(tmp_path, lab_cache, name):
     if torch.cuda.is_available():
         pytest.skip("golden losses are exact on CPU only")
-    cfg = make_cfg(tmp_path / name, lab_cache, optim__name=name, steps=20, eval_every=0,
+    cfg = make_cfg(tmp_path / name, lab_cache, optim__method=name, steps=20, eval_every=0,
                    device="cpu")
     losses = train(cfg).losses
     path = GOLDEN / f"{name}.txt"
@@ -35,3 +35,13 @@ def test_golden_losses(tmp_path, lab_cache, name):
     expected = [float(line) for line in path.read_text().split()]
     assert losses == expected
     assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("options,same_as", [({}, "galore"), ({"optim__selector": "importance"}, "i3s")])
+def test_subspace_method_composes_the_presets_from_options(tmp_path, lab_cache, options, same_as):
+    """`--optimizer subspace` takes every choice from the options: its defaults are GaLore's, and
+    `--selector importance` is I3S, to the bit."""
+    cfg = make_cfg(tmp_path / "s", lab_cache, optim__method="subspace", steps=20, eval_every=0,
+                   device="cpu", **options)
+    expected = [float(line) for line in (GOLDEN / f"{same_as}.txt").read_text().split()]
+    assert train(cfg).losses == expected
