@@ -16,14 +16,13 @@ sweep each method's lr (`--lrs`) and use several seeds (`--seeds 0,1,2`).
 from __future__ import annotations
 
 import copy
-import dataclasses
 import shlex
 import sys
 from pathlib import Path
 
 from .config import TrainConfig
 from .data import InMemoryData, StreamingData, build_data
-from .optimizers import check_method
+from .optimizers import check_method, without_subspace_options
 from .preflight import prepare_out_dir, preflight
 from .report import markdown_table, write_report
 from .train import train
@@ -74,12 +73,21 @@ def _fresh(data, seed: int, cfg: TrainConfig):
     return InMemoryData(data.train, data.val, data.tokenizer, seed)
 
 
+def for_method(base: TrainConfig, name: str) -> TrainConfig:
+    """`base` for one method; subspace-only options (`--svd-method`, ...) apply to the methods
+    that project and are left out of the others' runs."""
+    cfg = copy.deepcopy(base)
+    cfg.optim.method = name
+    if not check_method(name).projects:
+        cfg.optim = without_subspace_options(cfg.optim)
+    return cfg
+
+
 def run_compare(base: TrainConfig, optimizers, lrs: dict[str, list[float]], seeds,
                 out_dir: str | Path,
                 command: str | None = None) -> dict[str, Path]:
     for name in optimizers:  # every cheap check before the corpus is read or a tokenizer trained
-        check_method(name)
-        preflight(dataclasses.replace(base, optim=dataclasses.replace(base.optim, method=name)))
+        preflight(for_method(base, name))
     out = prepare_out_dir(out_dir)
     (out / "command.txt").write_text((command or shlex.join(["subspace", *sys.argv[1:]])) + "\n")
     data = build_data(base.data, seeds[0], base.eval_batches * base.batch_size)
@@ -87,8 +95,8 @@ def run_compare(base: TrainConfig, optimizers, lrs: dict[str, list[float]], seed
         for name in optimizers:
             grid = lrs.get(name) or [base.optim.lr]
             for lr in grid:
-                cfg = copy.deepcopy(base)
-                cfg.optim.method, cfg.seed, cfg.optim.lr = name, seed, lr
+                cfg = for_method(base, name)
+                cfg.seed, cfg.optim.lr = seed, lr
                 tag = f"{name}-lr{lr:g}" if len(grid) > 1 else name
                 cfg.out_dir = str(out / f"{tag}-seed{seed}")
                 print(f"[compare] {name} seed {seed} lr {lr:g} -> {cfg.out_dir}", flush=True)

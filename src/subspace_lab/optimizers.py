@@ -54,6 +54,18 @@ def check_method(name: str) -> Method:
     return METHODS[name]
 
 
+def subspace_only_options(cfg: "OptimConfig") -> list[str]:
+    """The options given (not None) that only a subspace method uses."""
+    return sorted(k for k, v in dataclasses.asdict(cfg).items() if v is not None and k not in
+                  {"method", "lr", "weight_decay", "target_modules", *SHARED_DEFAULTS, *GROUP_KEYS})
+
+
+def without_subspace_options(cfg: "OptimConfig") -> "OptimConfig":
+    """`cfg` for a method that projects nothing: compare's AdamW run of a `--svd-method gram`
+    comparison (a single run refuses such options instead)."""
+    return dataclasses.replace(cfg, **{k: None for k in subspace_only_options(cfg)})
+
+
 def parse_target_modules(spec: str | list[str]) -> str | list[str]:
     """'all-linear' and regexes stay strings; 'attn,mlp' becomes a substring list."""
     if not isinstance(spec, str) or spec == "all-linear" or "," not in spec:
@@ -96,10 +108,10 @@ def class_and_kwargs(cfg: "OptimConfig", model: torch.nn.Module, *, seed: int = 
     lr, wd, name = o.pop("lr"), o.pop("weight_decay"), o.pop("method")
     targets = parse_target_modules(o.pop("target_modules"))
     if not METHODS[name].projects:
-        subspace_only = sorted(set(o) - {"adam_epsilon", *GROUP_KEYS, *SHARED_DEFAULTS})
-        if subspace_only:
-            raise ValueError(f"optimizer {name!r} projects nothing: {', '.join(subspace_only)} "
-                             f"apply only to the subspace optimizers")
+        if subspace_only_options(cfg):
+            raise ValueError(f"optimizer {name!r} projects nothing: "
+                             f"{', '.join(subspace_only_options(cfg))} apply only to the "
+                             f"subspace optimizers")
         named = [{"params": list(model.named_parameters())}]
         params = _split_by_decay(named, wd, decay) if wd else model.parameters()
         if wd:  # torch's AdamW wants plain tensors in groups given as dicts

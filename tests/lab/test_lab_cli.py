@@ -40,8 +40,12 @@ def test_compare_and_report(tmp_path, lab_cache, capsys):
     out = tmp_path / "cmp"
     rc = main(["compare", *_common(lab_cache), "--steps", "6", "--eval-every", "3",
                "--optimizers", "adamw,i3s", "--lrs", "adamw=2e-3,i3s=5e-3", "--seeds", "0,1",
-               "--rank", "4", "--update-proj-gap", "2", "--out-dir", str(out)])
+               "--rank", "4", "--update-proj-gap", "2", "--svd-method", "gram",
+               "--out-dir", str(out)])
     assert rc == 0
+    # subspace-only options reach the subspace runs and are left out of AdamW's
+    assert json.loads((out / "i3s-seed0" / "config.json").read_text())["optim"]["svd_method"] == "gram"
+    assert json.loads((out / "adamw-seed1" / "config.json").read_text())["optim"]["svd_method"] is None
     printed = capsys.readouterr().out
     assert f"Report: {(out / 'results.md').resolve()}" in printed
     rows = list(csv.DictReader(open(out / "results.csv")))
