@@ -16,6 +16,7 @@ from subspace_lab.train import train
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 REGEN = os.environ.get("SUBSPACE_REGEN_GOLDEN") == "1"
+RTOL = 2e-4
 
 
 @pytest.mark.parametrize("name", sorted(set(METHODS) - {"subspace"}))  # subspace: below
@@ -33,15 +34,18 @@ def test_golden_losses(tmp_path, lab_cache, name):
         pytest.fail(f"no golden file {path} for optimizer {name!r}; create it with "
                     f"SUBSPACE_REGEN_GOLDEN=1 (see this module's docstring)")
     expected = [float(line) for line in path.read_text().split()]
-    assert losses == expected
+    # stored on one machine, compared on another: other CPUs (and ATEN_CPU_CAPABILITY) run
+    # other kernels, so a tolerance relative to the loss; bitwise equality is tested within a
+    # machine (resume, DDP, the 'subspace' method below)
+    assert losses == pytest.approx(expected, rel=RTOL, abs=0)
     assert losses[-1] < losses[0]
 
 
 @pytest.mark.parametrize("options,same_as", [({}, "galore"), ({"optim__selector": "importance"}, "i3s")])
 def test_subspace_method_composes_the_presets_from_options(tmp_path, lab_cache, options, same_as):
     """`--optimizer subspace` takes every choice from the options: its defaults are GaLore's, and
-    `--selector importance` is I3S, to the bit."""
-    cfg = make_cfg(tmp_path / "s", lab_cache, optim__method="subspace", steps=20, eval_every=0,
-                   device="cpu", **options)
-    expected = [float(line) for line in (GOLDEN / f"{same_as}.txt").read_text().split()]
-    assert train(cfg).losses == expected
+    `--selector importance` is I3S, to the bit (both run here, on this machine)."""
+    kw = dict(steps=20, eval_every=0, device="cpu")
+    composed = train(make_cfg(tmp_path / "s", lab_cache, optim__method="subspace", **kw, **options))
+    preset = train(make_cfg(tmp_path / "p", lab_cache, optim__method=same_as, **kw))
+    assert composed.losses == preset.losses
