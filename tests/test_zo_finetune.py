@@ -3,7 +3,6 @@ run of each optimizer on a tiny random LLaMA and a tiny local jsonl task."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 
@@ -118,14 +117,13 @@ def test_finetune_smoke_tiny_model(jsonl_file, tmp_path, optimizer):
 
 
 def test_finetune_command_line(jsonl_file, tmp_path, capsys):
-    parser = argparse.ArgumentParser()
-    ft.add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["finetune", "--model", "tiny-random", "--task", str(jsonl_file),
-                              "--optimizer", "subzero", "--steps", "2", "--batch-size", "4",
-                              "--n-train", "10", "--n-eval", "4", "--label-words", "bad,great",
-                              "--trainable", "layers\\.1\\.", "--out-dir", str(tmp_path / "cli"),
-                              "--no-progress", "--lr", "1e-3"])
-    assert args.func(args) == 0
+    from subspace_lab.cli import main
+
+    assert main(["finetune", "--model", "tiny-random", "--task", str(jsonl_file),
+                 "--optimizer", "subzero", "--steps", "2", "--batch-size", "4",
+                 "--n-train", "10", "--n-eval", "4", "--label-words", "bad,great",
+                 "--trainable", "layers\\.1\\.", "--out-dir", str(tmp_path / "cli"),
+                 "--no-progress", "--lr", "1e-3"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["train_forward_passes"] == 4
     saved = json.loads((tmp_path / "cli" / "results.json").read_text())

@@ -1,19 +1,21 @@
 """The `subspace` command. Each subcommand lives in `subspace_lab/commands/<name>.py` and exposes
-`add_parser(subparsers)`, which registers its parser and sets `func(args) -> int`. Adding a
-subcommand (finetune, bench, ...) is a new module plus its name in `commands.COMMANDS`.
-Bad input and environment failures (`ValueError`, `OSError`: a missing file, a full disk) end
-in one line on stderr and exit code 2; a non-finite loss under `--nonfinite error` exits 3."""
+`add_parser(subparsers)`, which registers its parser (a `LabArgumentParser` over the command's
+config dataclass) and sets `func(args) -> int`. Adding a subcommand (bench, ...) is a new module
+plus its name in `commands.COMMANDS`.
+Bad input and environment failures (a flag or value the parser refuses, `ValueError`, `OSError`:
+a missing file, a full disk) end in one line on stderr and exit code 2; a non-finite loss under
+`--nonfinite error` exits 3."""
 from __future__ import annotations
 
-import argparse
 import importlib
 import sys
 
+from .args import LabArgumentParser, UsageError
 from .commands import COMMANDS
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> LabArgumentParser:
+    parser = LabArgumentParser(
         prog="subspace", description="Train and compare memory-efficient subspace optimizers.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
@@ -24,7 +26,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as e:
+        print(f"{e.prog}: error: {_one_line(e)} (see {e.prog} --help)", file=sys.stderr)
+        return 2
     args.argv = argv  # the exact command, recorded in run directories
     if not getattr(args, "func", None):
         parser.print_help()

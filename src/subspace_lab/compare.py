@@ -22,6 +22,7 @@ from pathlib import Path
 
 from .config import TrainConfig
 from .data import InMemoryData, StreamingData, build_data
+from .optimizers import check_method, without_subspace_options
 from .preflight import prepare_out_dir, preflight
 from .report import markdown_table, write_report
 from .train import train
@@ -37,7 +38,6 @@ def default_compare_config() -> TrainConfig:
     cfg.threads = 1
     cfg.optim.rank = 32
     cfg.optim.update_proj_gap = 12
-    cfg.optim.scale = 0.25
     cfg.eval_every = 50
     cfg.eval_batches = 8
     cfg.log_every = 10
@@ -73,19 +73,21 @@ def _fresh(data, seed: int, cfg: TrainConfig):
     return InMemoryData(data.train, data.val, data.tokenizer, seed)
 
 
-def check_optimizers(optimizers) -> None:
-    from .optimizers import OPTIMIZERS
-
-    unknown = [o for o in optimizers if o not in OPTIMIZERS]
-    if unknown:
-        raise ValueError(f"unknown optimizer(s) {unknown}; allowed: {', '.join(sorted(OPTIMIZERS))}")
+def for_method(base: TrainConfig, name: str) -> TrainConfig:
+    """`base` for one method; subspace-only options (`--svd-method`, ...) apply to the methods
+    that project and are left out of the others' runs."""
+    cfg = copy.deepcopy(base)
+    cfg.optim.method = name
+    if not check_method(name).projects:
+        cfg.optim = without_subspace_options(cfg.optim)
+    return cfg
 
 
 def run_compare(base: TrainConfig, optimizers, lrs: dict[str, list[float]], seeds,
                 out_dir: str | Path,
                 command: str | None = None) -> dict[str, Path]:
-    check_optimizers(optimizers)
-    preflight(base)  # every cheap check before the corpus is read and the tokenizer trained
+    for name in optimizers:  # every cheap check before the corpus is read or a tokenizer trained
+        preflight(for_method(base, name))
     out = prepare_out_dir(out_dir)
     (out / "command.txt").write_text((command or shlex.join(["subspace", *sys.argv[1:]])) + "\n")
     data = build_data(base.data, seeds[0], base.eval_batches * base.batch_size)
@@ -93,8 +95,8 @@ def run_compare(base: TrainConfig, optimizers, lrs: dict[str, list[float]], seed
         for name in optimizers:
             grid = lrs.get(name) or [base.optim.lr]
             for lr in grid:
-                cfg = copy.deepcopy(base)
-                cfg.optim.name, cfg.seed, cfg.optim.lr = name, seed, lr
+                cfg = for_method(base, name)
+                cfg.seed, cfg.optim.lr = seed, lr
                 tag = f"{name}-lr{lr:g}" if len(grid) > 1 else name
                 cfg.out_dir = str(out / f"{tag}-seed{seed}")
                 print(f"[compare] {name} seed {seed} lr {lr:g} -> {cfg.out_dir}", flush=True)

@@ -1,9 +1,15 @@
 """Typed run configuration for the lab.
 
-One `TrainConfig` describes a pretraining run completely: model, data, optimizer and loop settings.
-It round-trips through `to_dict` / `from_dict` (saved in every checkpoint and run directory), and
-`cli.py` maps every field onto a command-line flag: the flag name is the field's `flag` metadata
-(or its name with dashes), so the config and the CLI cannot drift apart.
+One `TrainConfig` describes a pretraining run completely: model, data (`DataConfig`), optimizer
+(`OptimConfig`) and loop settings. Each field is one command-line flag, made by
+`transformers.HfArgumentParser` from the field's type and `metadata` (`help`, and `aliases` for
+an extra flag name), so the config and the CLI cannot drift apart; `args.LabArgumentParser`
+flattens the sections, which is why a leaf name is unique across all of them. A config file
+(YAML or JSON, `--config`) holds the same names, flat or in sections like `to_dict()`.
+
+`OptimConfig` is the one optimizer configuration: the lab's CLI, `optimizers.build_optimizer` and
+the Hugging Face Trainer hookup (`optim_args`) all use it. A field left at None takes the method's
+own value (`optimizers.METHODS`) or, failing that, the library's default for its component.
 """
 from __future__ import annotations
 
@@ -12,42 +18,36 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from subspace_optim.checks import NONFINITE_POLICIES
 
-def _f(default, help: str, flag: str | None = None, choices=None, names=None, **kw):
-    """A config field. `names` is a zero-argument function giving the allowed values of a name
-    field (listed in the flag's help and checked by `validate`, before any data is built)."""
-    return field(default=default, metadata={"help": help, "flag": flag, "choices": choices,
-                                            "names": names}, **kw)
-
-
-def optimizer_names() -> list[str]:
-    from .optimizers import OPTIMIZERS
-    return sorted(OPTIMIZERS)
-
-
-def model_names() -> list[str]:
-    from .models import MODEL_SHAPES
-    return list(MODEL_SHAPES)
-
+from .models import MODEL_SHAPES
+from .optimizers import METHODS, SHARED_DEFAULTS
 
 # the byte-level BPE always holds the 256 bytes and the end-of-text token
 MIN_BPE_VOCAB = 257
+DEVICES = ("auto", "cpu", "cuda")
+TRACKERS = ("none", "tensorboard", "trackio")
 
 
-@dataclass
-class ModelConfig:
-    name: str = _f("tiny", "model size", flag="model", names=model_names)
+def _f(default, help: str, **kw):
+    """A config field; `kw` goes to `argparse.add_argument` (`aliases`, `choices`)."""
+    return field(default=default, metadata={"help": help, **kw})
+
+
+def _method_default(key: str) -> str:
+    special = ", ".join(f"{n} {m.defaults[key]}" for n, m in METHODS.items() if key in m.defaults)
+    return f"default {SHARED_DEFAULTS[key]}" + (f"; {special}" if special else "")
 
 
 @dataclass
 class DataConfig:
     source: str = _f("kjv", "'kjv' (embedded King James Bible), a .txt/.jsonl file or directory, "
-                     "or a Hugging Face dataset name (e.g. allenai/c4)", flag="data")
+                     "or a Hugging Face dataset name (e.g. allenai/c4)", aliases=["--data"])
     data_config: str | None = _f(None, "dataset config name for a Hugging Face dataset (e.g. en)")
     split: str = _f("train", "dataset split to read (Hugging Face datasets)")
     text_field: str = _f("text", "field holding the text in jsonl / Hugging Face records")
-    streaming: bool | None = _f(None, "stream the dataset (default: on for hub datasets, "
-                                "off for local files)")
+    streaming: bool | None = _f(None, "stream the dataset: true or false (default: true for hub "
+                                "datasets, false for local files)")
     tokenizer: str = _f("bpe", "'bpe' (train and cache a byte-level BPE on the corpus) or a "
                         "Hugging Face tokenizer name/path")
     vocab_size: int = _f(4096, f"vocabulary size of the trained BPE tokenizer (>= {MIN_BPE_VOCAB})")
@@ -60,27 +60,63 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = _f("adamw", "optimizer", flag="optimizer", names=optimizer_names)
-    lr: float = _f(3e-3, "peak learning rate")
-    weight_decay: float = _f(0.0, "decoupled weight decay")
+    """An optimizer option is one field here. Its name is the keyword of `SubspaceOptimizer` (or
+    of a component's `defaults`) it sets; None means "the method's or the library's default"."""
+
+    method: str = _f("adamw", "optimizer: " + ", ".join(METHODS), aliases=["--optimizer"])
+    lr: float = _f(3e-3, "peak learning rate", aliases=["--learning-rate", "--learning_rate"])
+    weight_decay: float = _f(0.0, "decoupled weight decay, on the weights the Hugging Face "
+                             "Trainer decays (not biases, not norms)")
+    adam_beta1: float | None = _f(None, "Adam beta1 (" + _method_default("adam_beta1") + ")")
+    adam_beta2: float | None = _f(None, "Adam beta2 (" + _method_default("adam_beta2") + ")")
+    adam_epsilon: float | None = _f(None, "Adam epsilon (" + _method_default("adam_epsilon") + ")")
     rank: int = _f(32, "subspace rank (subspace optimizers)")
     update_proj_gap: int = _f(20, "steps between subspace refreshes (subspace optimizers)")
-    scale: float = _f(0.25, "update multiplier of the projected update (GaLore's scale)")
+    scale: float | None = _f(None, "multiplier of the projected update, GaLore's alpha ("
+                             + _method_default("scale") + ")")
     target_modules: str = _f("all-linear", "projected modules: 'all-linear', a comma list of "
                              "substrings (attn,mlp) or a regex")
-    state_bits: int = _f(32, "bits per stored optimizer moment (subspace optimizers): 32, 16 (bf16) "
-                         "or 8 (block-wise, needs bitsandbytes)", choices=(8, 16, 32))
-    projector_bits: int = _f(32, "bits per stored projector entry: 32 or 16 (bf16; math stays fp32)",
-                             choices=(16, 32))
+    selector: str | None = _f(None, "subspace selector: dominant, importance, random, coordinate, "
+                              "online_pca, power (presets fix theirs; free with --optimizer subspace)")
+    transition: str | None = _f(None, "what the moments do when the subspace changes: keep, reset, "
+                                "rotate")
+    inner: str | None = _f(None, "the optimizer inside the subspace: adam, lion, sgd")
+    side: str | None = _f(None, "which side is projected: galore, ldadam, min_state, left, right")
+    svd_method: str | None = _f(None, "factorisation at a refresh: svd (reference) or gram "
+                                "(eigh of the Gram matrix, faster)")
+    stagger_refresh: bool | None = _f(None, "true: spread the weights' refreshes evenly over "
+                                      "the gap instead of all on one step")
+    error_feedback: bool | None = _f(None, "true: keep what the projection loses and add it to "
+                                     "the next gradient (LDAdam's)")
+    momentum: float | None = _f(None, "momentum of --inner sgd")
+    correct_bias: bool | None = _f(None, "Adam bias correction of --inner adam (true/false)")
+    rho: float | None = _f(None, "LDAdam's power-iteration mixing (--selector power)")
+    osd_variant: str | None = _f(None, "Online Subspace Descent variant: paper or code")
+    osd_alpha: float | None = _f(None, "Online Subspace Descent: P learning rate / lr (paper)")
+    osd_p_optimizer: str | None = _f(None, "Online Subspace Descent: optimizer of P (adam, sgd)")
+    osd_orthonormalize: bool | None = _f(None, "Online Subspace Descent: re-orthonormalise P")
+    rsvd_oversampling: float | None = _f(None, "--svd-method randomized: extra sketch columns, a "
+                                         "fraction of the rank (0.5)")
+    rsvd_power_iters: int | None = _f(None, "--svd-method randomized: power iterations (1)")
+    importance_pool: float | None = _f(None, "I3S with --svd-method randomized: sample among the top "
+                                       "pool x rank triplets only (a different law; default: the "
+                                       "whole spectrum)")
+    state_bits: int | None = _f(None, "bits per stored optimizer moment: 32, 16 (bf16) or 8 "
+                                "(block-wise, needs bitsandbytes)")
+    projector_bits: int | None = _f(None, "bits per stored projector entry: 32 or 16 (bf16; the math "
+                                    "stays fp32)")
+    foreach: bool | None = _f(None, "true: the grouped path (batched projections, foreach moments) "
+                              "for ordinary steps; default: on for CUDA")
 
 
 @dataclass
 class TrainConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: str = _f("tiny", "model size: " + ", ".join(MODEL_SHAPES))
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     batch_size: int = _f(16, "sequences per micro-batch per process")
-    grad_accum: int = _f(1, "micro-batches accumulated per optimizer step (alias --accumulate)")
+    grad_accum: int = _f(1, "micro-batches accumulated per optimizer step",
+                         aliases=["--accumulate"])
     step_in_backward: bool = _f(False, "update each weight inside backward and free its gradient "
                                 "(subspace optimizers); with --grad-accum K > 1 projected weights "
                                 "accumulate in the subspace; --clip then clips per parameter and "
@@ -96,11 +132,13 @@ class TrainConfig:
     log_every: int = _f(10, "steps between train-metric records")
     seed: int = _f(0, "seed for model init, data order and the optimizer")
     nonfinite: str = _f("error", "non-finite loss or grad: 'error' aborts before the update, "
-                        "'skip' skips the update and counts it", choices=("error", "skip"))
+                        "'skip' skips the update and counts it", choices=NONFINITE_POLICIES)
     checkpoint_every: int = _f(0, "steps between checkpoints (0: none)")
     keep_last_k: int = _f(2, "checkpoints kept (older ones are purged after a new one commits)")
     out_dir: str = _f("runs/pretrain", "run directory (metrics.jsonl, checkpoints/)")
-    device: str = _f("auto", "auto, cpu or cuda")
+    report_to: str = _f("none", "also log metrics to a local tracker (metrics.jsonl stays the "
+                        "record)", choices=TRACKERS)
+    device: str = _f("auto", "where to train", choices=DEVICES)
     threads: int = _f(0, "CPU threads for torch (0: torch's default; 1 is much faster on a "
                       "machine busy with other jobs)")
     resume: bool = _f(False, "resume from the latest valid checkpoint in out_dir. Refuses when "
@@ -125,16 +163,17 @@ class TrainConfig:
         return 200
 
     def validate(self) -> "TrainConfig":
+        """Ranges and names, before anything is built; the optimizer's own settings are checked by
+        the library itself (`preflight.check_optimizer`)."""
         def check(ok: bool, name: str, rule: str):
             if not ok:
-                raise ValueError(f"config: {name} (--{_FLAGS[name]}) must be {rule}, "
+                raise ValueError(f"config: {name} ({flag(name)}) must be {rule}, "
                                  f"got {_get(self, name)!r}")
-        for dotted, f in iter_fields():
-            allowed = f.metadata.get("names")
-            if allowed is not None and _get(self, dotted) not in allowed():
-                kind = f.metadata["flag"] or dotted
-                raise ValueError(f"unknown {kind} {_get(self, dotted)!r}; allowed: "
-                                 f"{', '.join(allowed())} (--{_FLAGS[dotted]})")
+        from .optimizers import check_method
+        if self.model not in MODEL_SHAPES:
+            raise ValueError(f"unknown model {self.model!r}; allowed: {', '.join(MODEL_SHAPES)} "
+                             f"(--model)")
+        check_method(self.optim.method)
         for name in ("batch_size", "grad_accum", "data.seq_len", "data.vocab_size", "optim.rank",
                      "optim.update_proj_gap", "eval_batches", "log_every", "keep_last_k"):
             v = _get(self, name)
@@ -151,18 +190,16 @@ class TrainConfig:
         check(self.tokens is None or self.tokens >= 1, "tokens", ">= 1")
         check(self.optim.lr > 0, "optim.lr", "> 0")
         check(self.optim.weight_decay >= 0, "optim.weight_decay", ">= 0")
-        check(self.optim.scale > 0, "optim.scale", "> 0")
         check(0 <= self.warmup_fraction < 1, "warmup_fraction", "in [0, 1)")
         check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "in [0, 1]")
         check(self.clip >= 0, "clip", ">= 0")
         check(0 <= self.data.val_fraction < 1, "data.val_fraction", "in [0, 1)")
-        check(self.nonfinite in ("error", "skip"), "nonfinite", "'error' or 'skip'")
-        check(self.device in ("auto", "cpu", "cuda"), "device", "auto, cpu or cuda")
-        check(self.optim.state_bits in (8, 16, 32), "optim.state_bits", "8, 16 or 32")
-        check(self.optim.projector_bits in (16, 32), "optim.projector_bits", "16 or 32")
+        check(self.nonfinite in NONFINITE_POLICIES, "nonfinite", " or ".join(NONFINITE_POLICIES))
+        check(self.device in DEVICES, "device", ", ".join(DEVICES))
+        check(self.report_to in TRACKERS, "report_to", ", ".join(TRACKERS))
         if self.step_in_backward and self.grad_accum > 1 and self.clip > 0:
-            raise ValueError("config: step_in_backward with grad_accum > 1 cannot clip (the accumulated "
-                             f"full gradient is never formed); pass --clip 0, got clip={self.clip}")
+            raise ValueError("config: --step-in-backward with --grad-accum > 1 cannot clip (the "
+                             f"accumulated full gradient is never formed); pass --clip 0, got {self.clip}")
         return self
 
     # ---- serialisation ----------------------------------------------------------------------
@@ -171,7 +208,38 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        return _from_dict(cls, d)
+        """From `to_dict()`'s nested form, or flat leaf names, or a mix; missing keys keep their
+        defaults, so a config saved before a field existed still loads."""
+        return apply_values(cls(), d)
+
+
+# ---- leaf names: one flat namespace over the sections -----------------------------------------
+def sections(cls=TrainConfig) -> dict[str, type]:
+    """Section field name -> its dataclass (`data`, `optim`)."""
+    return {f.name: f.default_factory for f in dataclasses.fields(cls)
+            if f.default_factory is not dataclasses.MISSING
+            and dataclasses.is_dataclass(f.default_factory)}
+
+
+def leaves(cls=TrainConfig) -> dict[str, str]:
+    """Leaf name -> dotted path (`lr` -> `optim.lr`, `batch_size` -> `batch_size`)."""
+    subs = sections(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.name in subs:
+            out.update({k: f"{f.name}.{v}" for k, v in leaves(subs[f.name]).items()})
+        else:
+            out[f.name] = f.name
+    return out
+
+
+# the flags users know these fields by (each field also has its own name as a flag)
+_HABITUAL_FLAGS = {"data.source": "--data", "optim.method": "--optimizer"}
+
+
+def flag(dotted: str) -> str:
+    """The command-line flag of a dotted field name, for messages."""
+    return _HABITUAL_FLAGS.get(dotted) or "--" + dotted.rsplit(".", 1)[-1].replace("_", "-")
 
 
 def _get(cfg, dotted: str):
@@ -180,93 +248,36 @@ def _get(cfg, dotted: str):
     return cfg
 
 
-def _from_dict(cls, d: dict[str, Any]):
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(d) - set(fields)
-    if unknown:
-        raise ValueError(f"{cls.__name__}: unknown keys {sorted(unknown)}; allowed: {sorted(fields)}")
-    kwargs = {}
-    for name, value in d.items():
-        f = fields[name]
-        sub = f.default_factory if f.default_factory is not dataclasses.MISSING else None
-        kwargs[name] = _from_dict(sub, value) if sub is not None and dataclasses.is_dataclass(sub) \
-            else value
-    return cls(**kwargs)
-
-
-def iter_fields(cfg_cls=TrainConfig, prefix: str = ""):
-    """Yield (dotted_name, dataclasses.Field) for every leaf field, nested configs flattened."""
-    for f in dataclasses.fields(cfg_cls):
-        if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory):
-            yield from iter_fields(f.default_factory, prefix + f.name + ".")
-        else:
-            yield prefix + f.name, f
-
-
-def flag_name(dotted: str, f: dataclasses.Field) -> str:
-    return f.metadata.get("flag") or dotted.rsplit(".", 1)[-1].replace("_", "-")
-
-
-_FLAGS = {dotted: flag_name(dotted, f) for dotted, f in iter_fields()}
-
-
-def set_dotted(cfg, dotted: str, value) -> None:
+def _set(cfg, dotted: str, value) -> None:
     *parents, leaf = dotted.split(".")
     for p in parents:
         cfg = getattr(cfg, p)
     setattr(cfg, leaf, value)
 
 
-# ---- command-line flags ------------------------------------------------------------------
-_PARSERS = {"int": int, "float": float, "str": str}
-
-
-def _leaf_type(f: dataclasses.Field) -> tuple[str, bool]:
-    """('int' | 'float' | 'str' | 'bool', optional) from the (string) annotation."""
-    t = str(f.type).replace(" ", "")
-    optional = t.endswith("|None")
-    return t.removesuffix("|None"), optional
-
-
-def add_config_args(parser, exclude: tuple[str, ...] = (), defaults: TrainConfig | None = None,
-                    helps: dict[str, str] | None = None) -> None:
-    """Add one flag per `TrainConfig` leaf field (defaults suppressed: only given flags apply).
-    `defaults` is the config the command starts from (shown in the help); `helps` replaces the
-    help text of some fields (dotted name -> text)."""
-    import argparse
-
-    parser.add_argument("--config", default=argparse.SUPPRESS,
-                        help="JSON file with a TrainConfig dict (flags override it)")
-    defaults = defaults or TrainConfig()
-    for dotted, f in iter_fields():
-        flag = flag_name(dotted, f)
-        if dotted in exclude or flag in exclude:
-            continue
-        kind, optional = _leaf_type(f)
-        text = (helps or {}).get(dotted, f.metadata.get("help", ""))
-        if f.metadata.get("names"):
-            text += ": " + ", ".join(f.metadata["names"]())
-        help_ = f"{text} (default: {_get(defaults, dotted)})".replace("%", "%%")
-        kw = dict(dest=dotted, default=argparse.SUPPRESS, help=help_)
-        if kind == "bool":
-            parser.add_argument(f"--{flag}", action=argparse.BooleanOptionalAction, **kw)
+def flatten(d: dict[str, Any], cls=TrainConfig, where: str = "config") -> dict[str, Any]:
+    """Leaf name -> value from a nested (`to_dict`) or flat dict; unknown keys are an error."""
+    subs, names = sections(cls), leaves(cls)
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        if isinstance(value, dict) and key in subs:
+            out.update(flatten(value, subs[key], f"{where}.{key}"))
+        elif key in names and not isinstance(value, dict):
+            out[key] = value
+        elif key == "model" and isinstance(value, dict) and set(value) == {"name"}:
+            out["model"] = value["name"]  # saved before the model was one field
+        elif key == "name" and cls is OptimConfig:
+            out["method"] = value  # saved before the method was called so
         else:
-            parser.add_argument(f"--{flag}", type=_PARSERS[kind], choices=f.metadata.get("choices"),
-                                metavar=kind.upper(), **kw)
+            raise ValueError(f"{where}: unknown key {key!r}; allowed: {', '.join(sorted(names))}")
+    return out
 
 
-def config_from_args(args, base: TrainConfig | None = None) -> TrainConfig:
-    """`base` (or defaults), then `--config FILE`, then every flag given on the command line."""
-    import json
-
-    cfg = base or TrainConfig()
-    values = vars(args)
-    if "config" in values:
-        with open(values["config"]) as fh:
-            cfg = TrainConfig.from_dict(json.load(fh))
-    for dotted, _ in iter_fields():
-        if dotted in values:
-            set_dotted(cfg, dotted, values[dotted])
-    if "tokens" in values and "steps" not in values:  # a token budget replaces a base's steps
-        cfg.steps = None
-    return cfg.validate()
+def apply_values(cfg, d: dict[str, Any]):
+    """Set the leaves named in `d` (nested or flat) on a copy of `cfg`."""
+    cfg = dataclasses.replace(cfg, **{k: dataclasses.replace(getattr(cfg, k))
+                                      for k in sections(type(cfg))})
+    paths = leaves(type(cfg))
+    for key, value in flatten(d, type(cfg)).items():
+        _set(cfg, paths[key], value)
+    return cfg

@@ -123,10 +123,8 @@ def iter_documents(cfg: DataConfig, source: Source | None = None) -> Iterator[st
     source = source or resolve_source(cfg)
     if source.kind == "kjv":
         docs: Iterator[str] = iter(kjv_documents())
-    elif source.kind == "local":
-        docs = _local_texts(cfg, source)
     else:
-        docs = _texts(_load_hf(cfg, source), cfg.text_field, cfg.source)
+        docs = dataset_texts(open_dataset(cfg, source), cfg, source)
     n = 0
     for d in docs:
         if cfg.max_docs is not None and n >= cfg.max_docs:
@@ -155,11 +153,28 @@ def _quiet_json_loader():
         log.disabled = before
 
 
-def _local_texts(cfg: DataConfig, source: Source) -> Iterator[str]:
+def open_dataset(cfg: DataConfig, source: Source):
+    """The `datasets` dataset of a local or hub source (an `IterableDataset` when streamed);
+    local files `datasets` cannot read are a ValueError naming the file and line."""
+    if source.kind != "local":
+        return _load_hf(cfg, source)
+    try:
+        with _quiet_json_loader():
+            return _load_hf(cfg, source)
+    except Exception as e:  # noqa: BLE001 - datasets wraps decode/parse errors in its own types
+        raise ValueError(_unreadable(source, e)) from e
+
+
+def dataset_texts(ds, cfg: DataConfig, source: Source) -> Iterator[str]:
+    """The raw text of every record of `ds` (blank ones too); unreadable local files are a
+    ValueError naming the file and line."""
+    if source.kind != "local":
+        yield from _texts(ds, cfg.text_field, cfg.source)
+        return
     field = "text" if source.builder == "text" else cfg.text_field
     try:
         with _quiet_json_loader():
-            yield from _texts(_load_hf(cfg, source), field, cfg.source)
+            yield from _texts(ds, field, cfg.source)
     except CorpusError:
         raise
     except Exception as e:  # noqa: BLE001 - datasets wraps decode/parse errors in its own types

@@ -9,24 +9,23 @@ resumable order.
   Every optimizer step consumes one *global* batch of `batch_size * world_size` sequences; rank r
   takes the r-th slice, so ranks see disjoint shards and the cursor is the same on every rank.
 - Streaming sources (hub datasets): sequences come in stream order (hub corpora such as C4 are
-  pre-shuffled); the cursor is the number of sequences consumed, and a resume re-reads the stream
-  up to it (deterministic, costs tokenization time, never needs the stream's internal state).
-The cursor is a dict of ints: `state_dict()` / `load_state_dict()`. `fingerprint()` hashes what
+  pre-shuffled); the cursor holds the stream's own position (`streaming.py`: the dataset's
+  `state_dict()` and the packer's leftover tokens), so a resume continues without re-reading.
+The cursor is a dict of plain values: `state_dict()` / `load_state_dict()`. `fingerprint()` hashes what
 the cursor indexes into (the packed token rows and the tokenizer); a checkpoint stores it and a
 resume refuses data that changed since.
 """
 from __future__ import annotations
 
 import hashlib
-from typing import Iterator
 
 import torch
 
 from .config import DataConfig
 from .corpus import Source, corpus_id, is_validation, iter_documents, resolve_source
+from .streaming import PackedStream
 from .tokenizer import Tokenizer, load_tokenizer
 
-_ENCODE_CHUNK = 256
 _BPE_TRAIN_DOCS = 20_000  # a streamed corpus trains its BPE on its first documents
 
 
@@ -90,35 +89,39 @@ class StreamingData(InMemoryData):
         super().__init__(torch.empty(0, cfg.seq_len, dtype=torch.long), val, tokenizer, seed)
         self.cfg, self.source, self.corpus = cfg, source, corpus
         self.cursor = {"epoch": 0, "pos": 0}
-        self._it: Iterator[torch.Tensor] | None = None
+        self._stream: PackedStream | None = None
+        self._stream_state: dict | None = None  # where a loaded cursor left the stream
 
-    def _stream(self, epoch: int) -> Iterator[torch.Tensor]:
-        del epoch  # every epoch replays the stream in the same order
-        docs = (d for d in iter_documents(self.cfg, self.source)
-                if not is_validation(d, self.cfg.val_fraction))
-        yield from _packed_stream(docs, self.tokenizer, self.cfg.seq_len)
+    def _open(self) -> PackedStream:
+        stream = PackedStream(self.cfg, self.source, self.tokenizer, self._stream_state)
+        if self._stream_state is None:  # a cursor saved before streams kept their state
+            for _ in range(self.cursor["pos"]):
+                stream.next_row()
+        return stream
 
     def next_batch(self, batch_size: int, rank: int = 0, world_size: int = 1) -> torch.Tensor:
-        if self._it is None:  # (re)open the stream and skip to the cursor
-            self._it = self._stream(self.cursor["epoch"])
-            for _ in range(self.cursor["pos"]):
-                next(self._it)
+        if self._stream is None:
+            self._stream = self._open()
         rows = []
         for _ in range(batch_size * world_size):
-            row = next(self._it, None)
-            if row is None:  # end of the stream: next epoch
+            row = self._stream.next_row()
+            if row is None:  # end of the stream: the next epoch replays it in the same order
                 self.cursor = {"epoch": self.cursor["epoch"] + 1, "pos": 0}
-                self._it = self._stream(self.cursor["epoch"])
-                row = next(self._it, None)
+                self._stream = PackedStream(self.cfg, self.source, self.tokenizer)
+                row = self._stream.next_row()
                 if row is None:
                     raise ValueError(f"dataset {self.cfg.source!r} yields no training sequences")
             rows.append(row)
             self.cursor["pos"] += 1
         return torch.stack(rows[rank * batch_size: (rank + 1) * batch_size])
 
+    def state_dict(self) -> dict:
+        stream = self._stream.state_dict() if self._stream is not None else self._stream_state
+        return {**self.cursor, "stream": stream}
+
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        self._it = None
+        self._stream, self._stream_state = None, state.get("stream")
 
     def fingerprint(self) -> dict:
         """The training rows are never materialised: the corpus id (files' size and mtime, or the
@@ -130,30 +133,7 @@ def _digest(rows: torch.Tensor) -> str:
     return hashlib.sha256(rows.contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
-def _packed_stream(docs, tokenizer: Tokenizer, seq_len: int) -> Iterator[torch.Tensor]:
-    buf: list[int] = []
-    chunk: list[str] = []
-
-    def flush():
-        for ids in tokenizer.encode_batch(chunk):
-            buf.extend(ids)
-            buf.append(tokenizer.eos_id)
-        chunk.clear()
-
-    for d in docs:
-        chunk.append(d)
-        if len(chunk) >= _ENCODE_CHUNK:
-            flush()
-        while len(buf) >= seq_len:
-            yield torch.tensor(buf[:seq_len], dtype=torch.long)
-            del buf[:seq_len]
-    flush()
-    while len(buf) >= seq_len:
-        yield torch.tensor(buf[:seq_len], dtype=torch.long)
-        del buf[:seq_len]
-
-
-def build_data(cfg: DataConfig, seed: int, val_sequences: int = 64) -> InMemoryData:
+def build_data(cfg: DataConfig, seed: int, val_sequences: int = 64) -> InMemoryData | StreamingData:
     """Resolve the source, get the tokenizer, split and pack. Clear errors for bad input."""
     source = resolve_source(cfg)
     cid = corpus_id(cfg, source)
@@ -178,9 +158,9 @@ def build_data(cfg: DataConfig, seed: int, val_sequences: int = 64) -> InMemoryD
     tok = load_tokenizer(cfg.tokenizer, vocab_size=cfg.vocab_size, corpus_id=cid,
                          corpus_texts=lambda: _first(iter_documents(cfg, source), _BPE_TRAIN_DOCS),
                          cache_dir=cfg.cache_dir)
-    val_docs = (d for d in iter_documents(cfg, source) if is_validation(d, cfg.val_fraction))
-    rows = _first(_packed_stream(val_docs, tok, cfg.seq_len), val_sequences) \
-        if cfg.val_fraction > 0 else []
+    val_rows = PackedStream(cfg, source, tok, validation=True)
+    rows = [] if cfg.val_fraction <= 0 else \
+        _first(iter(val_rows.next_row, None), val_sequences)
     val = torch.stack(rows) if rows else torch.empty(0, cfg.seq_len, dtype=torch.long)
     return StreamingData(cfg, source, tok, seed, val, cid)
 

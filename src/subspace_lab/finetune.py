@@ -15,44 +15,60 @@ import math
 import os
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from subspace_optim.checks import NONFINITE_POLICIES
+
+from .metrics import peak_memory_mb, reset_peak_memory
 
 OPTIMIZERS = ("mezo", "subzero", "adamw")
 DEFAULT_LR = {"mezo": 1e-5, "subzero": 1e-5, "adamw": 1e-5}
+ESTIMATORS = ("two-sided", "one-sided")
+
+
+def _f(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
 
 
 @dataclass
 class FinetuneConfig:
-    model: str = "smollm2-135m"
-    task: str = "kjv-testament"
-    eval_file: str | None = None
-    template: str | None = None
-    label_words: list[str] | None = None
-    optimizer: str = "mezo"
-    trainable: str | None = None  # regex on parameter names (re.search); None: all parameters
-    steps: int = 100
-    batch_size: int = 16
-    lr: float | None = None  # None: DEFAULT_LR[optimizer]
-    eps: float = 1e-3
-    weight_decay: float = 0.0
-    momentum: float = 0.0
-    rank: int = 8
-    update_proj_gap: int = 1000
-    estimator: str = "two-sided"
-    nonfinite: str = "skip"
-    n_train: int = 512
-    n_eval: int = 200
-    max_length: int = 64
-    eval_batch_size: int = 32
-    seed: int = 0
-    data_seed: int = 0
-    out_dir: str | None = None
-    device: str = "cpu"
-    threads: int | None = None  # torch.set_num_threads; None keeps torch's default
-    progress: bool = True
+    """Every field is a flag of `subspace finetune` (`commands/finetune.py`)."""
+
+    model: str = _f("smollm2-135m", "smollm2-135m (embedded, offline), tiny-random, or a Hugging "
+                    "Face name/path")
+    task: str = _f("kjv-testament", "kjv-testament (embedded), a .jsonl file of {text, label}, or "
+                   "a Hugging Face dataset (sst2)")
+    eval_file: str | None = _f(None, "jsonl eval file (else the task file is split)")
+    template: str | None = _f(None, 'prompt with "{text}"')
+    label_words: list[str] | None = _f(None, "one per class, e.g. ' no' ' yes' (on the command "
+                                       "line also 'no,yes'; a leading space is added)")
+    optimizer: str = _f("mezo", "optimizer", choices=OPTIMIZERS)
+    trainable: str | None = _f(None, "regex on parameter names to fine-tune (re.search; default: "
+                               "all), e.g. 'layers\\.2[6-9]'")
+    steps: int = _f(100, "optimizer steps (>= 0)")
+    batch_size: int = _f(16, "examples per step")
+    lr: float | None = _f(None, f"learning rate (default per optimizer: {DEFAULT_LR})")
+    eps: float = _f(1e-3, "zeroth-order perturbation size")
+    weight_decay: float = _f(0.0, "decoupled weight decay")
+    momentum: float = _f(0.0, "zeroth-order momentum")
+    rank: int = _f(8, "SubZero's subspace rank")
+    update_proj_gap: int = _f(1000, "SubZero's steps between subspace refreshes")
+    estimator: str = _f("two-sided", "zeroth-order gradient estimator", choices=ESTIMATORS)
+    nonfinite: str = _f("skip", "non-finite loss: 'error' aborts, 'skip' skips the step",
+                        choices=NONFINITE_POLICIES)
+    n_train: int = _f(512, "training examples")
+    n_eval: int = _f(200, "evaluation examples")
+    max_length: int = _f(64, "tokens per prompt")
+    eval_batch_size: int = _f(32, "examples per evaluation forward pass")
+    seed: int = _f(0, "seed of the optimizer and the batches")
+    data_seed: int = _f(0, "seed of the train/eval split")
+    out_dir: str | None = _f(None, "run directory (default runs/finetune-...)")
+    device: str = _f("cpu", "torch device")
+    threads: int | None = _f(None, "torch CPU threads (1 is often faster on a busy shared "
+                             "machine; default: torch's)")
+    progress: bool = _f(True, "show tqdm progress bars")
 
     def validate(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -60,34 +76,6 @@ class FinetuneConfig:
         for name in ("steps", "batch_size", "n_train", "n_eval", "max_length", "eval_batch_size"):
             if getattr(self, name) < (0 if name == "steps" else 1):
                 raise ValueError(f"{name} must be >= {0 if name == 'steps' else 1}, got {getattr(self, name)}")
-
-
-# ------------------------------------------------------------------------------- memory probe
-def reset_peak_memory(device: torch.device) -> str:
-    """Start a peak-memory window; returns the method used (for the report)."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return "torch.cuda.max_memory_allocated"
-    try:  # Linux: writing 5 to clear_refs resets the process's peak RSS (VmHWM)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return "VmHWM after /proc/self/clear_refs reset (peak RSS of the window)"
-    except OSError:
-        return "ru_maxrss (lifetime peak RSS; could not reset)"
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # ------------------------------------------------------------------------------------- pieces
@@ -99,15 +87,24 @@ def batch_indices(n: int, batch_size: int, seed: int, step: int) -> list[int]:
     return perm[:min(batch_size, n)].tolist()
 
 
-def make_closure(scorer, task, idx: list[int]):
-    """The zeroth-order closure: loss of a fixed batch, model in eval mode, no autograd graph."""
+def make_closure(scorer, task, idx: list[int], optimizer: torch.optim.Optimizer | None = None):
+    """The step's closure (torch.optim's convention): the loss of a fixed batch, model in eval
+    mode. Zeroth order (`optimizer` None): no autograd graph. First order: zero the gradients and
+    backpropagate the loss if it is finite (a non-finite one leaves every gradient None, so the
+    step changes nothing)."""
     prompts = [task.prompt(task.train[i][0]) for i in idx]
     labels = [task.train[i][1] for i in idx]
 
     def closure():
         scorer.model.eval()  # dropout off: both evaluations must see the same function
-        with torch.no_grad():
-            return scorer.loss(prompts, labels)
+        if optimizer is None:
+            with torch.no_grad():
+                return scorer.loss(prompts, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss = scorer.loss(prompts, labels)
+        if torch.isfinite(loss):
+            loss.backward()
+        return loss.detach()
 
     return closure
 
@@ -181,23 +178,15 @@ def finetune(cfg: FinetuneConfig) -> dict:
     bar = tqdm(range(cfg.steps), desc=f"finetune {cfg.optimizer}", disable=not cfg.progress)
     for step in bar:
         idx = batch_indices(len(task.train), cfg.batch_size, cfg.seed, step)
-        closure = make_closure(scorer, task, idx)
+        # the zeroth-order optimizers keep no skip counter: a skipped step leaves theirs unchanged
+        counter = opt.param_groups[0]["step"] if zo else None
+        loss = float(opt.step(make_closure(scorer, task, idx, None if zo else opt)))
         if zo:
-            counter = opt.param_groups[0]["step"]
-            loss = float(opt.step(closure))
             skipped += int(opt.param_groups[0]["step"] == counter)
-        else:
-            opt.zero_grad(set_to_none=True)
-            model.eval()
-            out = scorer.loss([task.prompt(task.train[i][0]) for i in idx], [task.train[i][1] for i in idx])
-            loss = float(out.detach())
-            if not math.isfinite(loss):  # same policy as the zeroth-order optimizers
-                if cfg.nonfinite == "error":
-                    raise RuntimeError(f"non-finite loss {loss} at step {step}")
-                skipped += 1
-            else:
-                out.backward()
-                opt.step()
+        elif not math.isfinite(loss):  # no gradient, so no update: the zeroth-order policy
+            if cfg.nonfinite == "error":
+                raise RuntimeError(f"non-finite loss {loss} at step {step}; no update was applied")
+            skipped += 1
         losses.append(loss)
         bar.set_postfix(loss=f"{loss:.4f}")
     train_seconds = time.perf_counter() - t0
@@ -251,56 +240,3 @@ def write_results(out_dir: Path, result: dict) -> None:
         plt.close(fig)
     except ImportError:
         pass
-
-
-# ------------------------------------------------------------------------------------- CLI
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("finetune", help="prompted fine-tuning with MeZO, SubZero or AdamW",
-                              description=__doc__)
-    d = FinetuneConfig()
-    p.add_argument("--model", default=d.model,
-                   help="smollm2-135m (embedded, offline), tiny-random, or a Hugging Face name/path")
-    p.add_argument("--task", default=d.task,
-                   help="kjv-testament (embedded), a .jsonl file of {text, label}, or a HF dataset (sst2)")
-    p.add_argument("--eval-file", default=None, help="jsonl eval file (else the task file is split)")
-    p.add_argument("--template", default=None, help='prompt with "{text}"')
-    p.add_argument("--label-words", default=None, help="comma-separated, one per class, e.g. ' no, yes'")
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer)
-    p.add_argument("--trainable", default=None,
-                   help="regex on parameter names to fine-tune (default: all), e.g. 'layers\\.2[6-9]'")
-    for name in ("steps", "batch_size", "rank", "update_proj_gap", "n_train", "n_eval",
-                 "max_length", "eval_batch_size", "seed", "data_seed"):
-        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
-    p.add_argument("--lr", type=float, default=None, help=f"default per optimizer: {DEFAULT_LR}")
-    for name in ("eps", "weight_decay", "momentum"):
-        p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
-    p.add_argument("--estimator", choices=("two-sided", "one-sided"), default=d.estimator)
-    p.add_argument("--nonfinite", choices=("error", "skip"), default=d.nonfinite)
-    p.add_argument("--out-dir", default=None, help="run directory (default runs/finetune-...)")
-    p.add_argument("--device", default=d.device)
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (1 is often faster on a busy shared machine)")
-    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
-    p.set_defaults(func=run)
-
-
-def config_from_args(args) -> FinetuneConfig:
-    words = None
-    if args.label_words:
-        words = [w if w.startswith(" ") else " " + w for w in (s.strip() for s in args.label_words.split(","))]
-    fields = {k: getattr(args, k) for k in ("model", "task", "eval_file", "template", "optimizer", "trainable",
-                                            "steps", "batch_size", "lr", "eps", "weight_decay",
-                                            "momentum", "rank", "update_proj_gap", "estimator",
-                                            "nonfinite", "n_train", "n_eval", "max_length",
-                                            "eval_batch_size", "seed", "data_seed", "out_dir", "device",
-                                            "threads")}
-    return FinetuneConfig(label_words=words, progress=not args.no_progress, **fields)
-
-
-def run(args) -> int:
-    result = finetune(config_from_args(args))
-    summary = {k: result[k] for k in ("out_dir", "train_forward_passes", "peak_memory_mb", "train_seconds")}
-    summary.update(before=result["before"]["accuracy"], after=result["after"]["accuracy"],
-                   loss_before=result["before"]["loss"], loss_after=result["after"]["loss"])
-    print(json.dumps(summary, indent=1))
-    return 0

@@ -17,7 +17,7 @@ from .models import lm_nll
 def start(opt, cfg, ddp_model):
     """The optimizer's in-backward handle for this run's settings."""
     if not hasattr(opt, "step_in_backward"):
-        raise ValueError(f"--step-in-backward needs a subspace optimizer; {cfg.optim.name} has no "
+        raise ValueError(f"--step-in-backward needs a subspace optimizer; {cfg.optim.method} has no "
                          "updates in backward")
     clip = cfg.clip if cfg.clip > 0 else None
     return opt.step_in_backward(accumulate=cfg.grad_accum, max_grad_norm=clip, ddp=ddp_model)

@@ -1,7 +1,8 @@
 """Run-directory records: JSON-lines metric files and memory readings.
 
 `metrics.jsonl` holds one JSON object per line with an `event` key: `train` (loss, lr, grad norm,
-tokens/s over the window's training time only, optimizer-state bytes, peak memory) and `eval`
+tokens/s over the window's training time only, optimizer-state bytes, peak memory of the window)
+and `eval`
 (token-weighted validation loss and its exponential, the perplexity). `overlap.jsonl` holds one
 record per subspace refresh of a projected parameter: `{step, name, overlap, refresh_count}`.
 A process killed mid-write leaves a torn last line (no newline, not valid JSON): readers drop it,
@@ -18,10 +19,12 @@ import torch
 
 
 class JsonlWriter:
-    """Appends records to a .jsonl file (a no-op on non-zero ranks: `enabled=False`)."""
+    """Appends records to a .jsonl file (a no-op on non-zero ranks: `enabled=False`), and mirrors
+    them to a tracker (`trackers.py`) if one is given."""
 
-    def __init__(self, path: str | Path, enabled: bool = True, resume_step: int | None = None):
-        self.path, self.enabled = Path(path), enabled
+    def __init__(self, path: str | Path, enabled: bool = True, resume_step: int | None = None,
+                 tracker=None):
+        self.path, self.enabled, self.tracker = Path(path), enabled, tracker
         if not enabled:
             return
         if resume_step is None:
@@ -36,6 +39,8 @@ class JsonlWriter:
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            if self.tracker is not None:
+                self.tracker.log(record)
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
@@ -72,28 +77,29 @@ def write_summary(path: str | Path, summary: dict, ran_steps: bool) -> None:
     path.write_text(json.dumps(summary, indent=1))
 
 
-def reset_peak_memory(device: torch.device) -> None:
+def reset_peak_memory(device: torch.device) -> str:
+    """Start a peak-memory window; returns what `peak_memory_mb` then measures (for reports)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+        return "cuda_max_allocated"
+    try:  # Linux: writing 5 to clear_refs resets the process's peak resident set size (VmHWM)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return "cpu_peak_rss"
+    except OSError:
+        return "cpu_peak_rss_lifetime"
 
 
 def peak_memory_mb(device: torch.device) -> float | None:
-    """CUDA: max_memory_allocated since the last reset (one window). CPU: the process's peak RSS
-    (the OS cannot reset it, so it is a lifetime peak, reported under its own name)."""
+    """Peak memory (MiB) since the last `reset_peak_memory`: on CUDA `max_memory_allocated`; on
+    CPU the peak resident set size (VmHWM; where it cannot be reset, the process's lifetime peak,
+    as `reset_peak_memory` says)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return None
-
-
-def rss_peak_mb() -> float:
-    """The process's lifetime peak RSS (cannot be reset)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
-def rss_mb() -> float | None:
-    """Current resident set size (Linux /proc), sampled every step to get a per-window peak."""
     try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     except (OSError, ValueError, IndexError):
-        return None
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB

@@ -1,123 +1,142 @@
-"""Optimizer registry: `name -> builder(model, options) -> torch.optim.Optimizer`.
+"""The lab's optimizer methods: `name -> Method` (a library class and the method's own defaults).
 
-Adding an optimizer is one line in `OPTIMIZERS`: a subspace preset of the library is
-`"osd": subspace("OnlineSubspaceAdamW")`. Every builder gets the same `OptimizerOptions`, and
-the subspace builders route parameters the same way (2-D weights of the target linear layers
-projected; embeddings, LM head, norms dense), which is what a fair comparison needs.
-The library is imported lazily so the lab's AdamW path works without it.
+Every method is built from one `config.OptimConfig` by `build_optimizer`, and every subspace
+method routes parameters the same way (2-D weights of the target linear layers projected;
+embeddings, LM head, norms dense), which is what a fair comparison needs. An option left at None
+in the config takes the method's value here, else `SHARED_DEFAULTS`, else the library's default;
+an option the user sets always wins (a preset that fixes it, such as GaLore's selector, refuses a
+different value in the library's words). Adding a method is one line in `METHODS`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+import dataclasses
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
+if TYPE_CHECKING:
+    from .config import OptimConfig
 
-@dataclass
-class OptimizerOptions:
-    lr: float
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-6  # galore-torch's default; used for AdamW too so only the method differs
-    rank: int = 32
-    update_proj_gap: int = 20
-    scale: float = 0.25
-    target_modules: str | list[str] = "all-linear"
-    seed: int = 0
-    nonfinite: str = "error"
-    state_bits: int = 32
-    projector_bits: int = 32
+# the lab's values where the library's defaults are the papers' (eps 1e-6: galore-torch's, used
+# for AdamW too so that only the method differs between runs)
+SHARED_DEFAULTS = {"adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": 1e-6, "scale": 0.25}
+GROUP_KEYS = ("rank", "update_proj_gap", "scale")  # GaLore's keys: they go into the projected group
+_RENAMED = {"adam_epsilon": "eps"}  # OptimConfig field -> library keyword (betas are joined)
 
 
-def parse_target_modules(spec: str) -> str | list[str]:
+@dataclass(frozen=True)
+class Method:
+    class_name: str | None  # a `subspace_optim` class; None: torch.optim.AdamW, nothing projected
+    defaults: dict = field(default_factory=dict)  # OptimConfig fields this method sets otherwise
+
+    @property
+    def projects(self) -> bool:
+        return self.class_name is not None
+
+
+METHODS: dict[str, Method] = {
+    "adamw": Method(None),
+    "galore": Method("GaLoreAdamW"),
+    "i3s": Method("I3SAdamW"),
+    "i3s-rotate": Method("I3SAdamW", {"transition": "rotate"}),
+    "random": Method("SubspaceOptimizer", {"selector": "random"}),
+    "osd": Method("OnlineSubspaceAdamW"),
+    "ldadam": Method("LDAdamW", {"adam_beta1": 0.908, "adam_beta2": 0.99, "adam_epsilon": 1e-8,
+                                 "scale": 1.0}),
+    "subspace": Method("SubspaceOptimizer"),  # every choice from the options
+}
+
+
+def check_method(name: str) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"unknown optimizer {name!r}; allowed: {', '.join(METHODS)} (--optimizer)")
+    return METHODS[name]
+
+
+def subspace_only_options(cfg: "OptimConfig") -> list[str]:
+    """The options given (not None) that only a subspace method uses."""
+    return sorted(k for k, v in dataclasses.asdict(cfg).items() if v is not None and k not in
+                  {"method", "lr", "weight_decay", "target_modules", *SHARED_DEFAULTS, *GROUP_KEYS})
+
+
+def without_subspace_options(cfg: "OptimConfig") -> "OptimConfig":
+    """`cfg` for a method that projects nothing: compare's AdamW run of a `--svd-method gram`
+    comparison (a single run refuses such options instead)."""
+    return dataclasses.replace(cfg, **{k: None for k in subspace_only_options(cfg)})
+
+
+def parse_target_modules(spec: str | list[str]) -> str | list[str]:
     """'all-linear' and regexes stay strings; 'attn,mlp' becomes a substring list."""
-    if spec == "all-linear" or "," not in spec:
+    if not isinstance(spec, str) or spec == "all-linear" or "," not in spec:
         return spec
     return [s.strip() for s in spec.split(",") if s.strip()]
 
 
-def adamw(model: torch.nn.Module, o: OptimizerOptions) -> torch.optim.Optimizer:
-    if (o.state_bits, o.projector_bits) != (32, 32):
-        raise ValueError("state_bits/projector_bits apply to the subspace optimizers; adamw is torch's AdamW")
-    return torch.optim.AdamW(model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps,
-                             weight_decay=o.weight_decay)
+def resolved_options(cfg: "OptimConfig") -> dict:
+    """Every option that has a value: the config's, else the method's, else the shared default."""
+    given = {k: v for k, v in dataclasses.asdict(cfg).items() if v is not None}
+    return {**SHARED_DEFAULTS, **check_method(cfg.method).defaults, **given}
 
 
-def subspace(class_name: str, **fixed) -> Callable[[torch.nn.Module, OptimizerOptions], torch.optim.Optimizer]:
-    """A builder for a `subspace_optim` preset class taking GaLore's group keys. `fixed` are the
-    method's own settings, which the shared options do not override (e.g. LDAdam's betas and its
-    unscaled update, the random baseline's selector)."""
-    def class_and_kwargs(model: torch.nn.Module, o: OptimizerOptions) -> tuple[type, dict]:
-        import subspace_optim as so
+def decay_parameter_names(model: torch.nn.Module) -> set[str]:
+    """The parameters the Hugging Face Trainer applies weight decay to: not biases, not norms."""
+    from transformers import Trainer
 
-        group_keys = {"rank": o.rank, "update_proj_gap": o.update_proj_gap, "scale": o.scale}
-        group_keys.update({k: v for k, v in fixed.items() if k in group_keys})
-        groups = so.subspace_param_groups(model, target_modules=o.target_modules, **group_keys)
-        kwargs = dict(params=groups, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
-                      seed=o.seed, nonfinite=o.nonfinite, state_bits=o.state_bits,
-                      projector_bits=o.projector_bits)
-        kwargs.update({k: v for k, v in fixed.items() if k not in group_keys})
-        return getattr(so, class_name), kwargs
-
-    def build(model: torch.nn.Module, o: OptimizerOptions) -> torch.optim.Optimizer:
-        cls, kwargs = class_and_kwargs(model, o)
-        return cls(**kwargs)
-    build.__name__ = f"build_{class_name}"
-    build.class_and_kwargs = class_and_kwargs  # lets hf_trainer hand (class, kwargs) to the HF Trainer
-    return build
+    return set(Trainer.get_decay_parameter_names(None, model))  # it reads only the model
 
 
-OPTIMIZERS: dict[str, Callable[[torch.nn.Module, OptimizerOptions], torch.optim.Optimizer]] = {
-    "adamw": adamw,
-    "galore": subspace("GaLoreAdamW"),
-    "i3s": subspace("I3SAdamW"),
-    "i3s-rotate": subspace("I3SAdamW", transition="rotate"),
-    "random": subspace("SubspaceOptimizer", selector="random"),
-    "osd": subspace("OnlineSubspaceAdamW"),
-    "ldadam": subspace("LDAdamW", betas=(0.908, 0.99), scale=1.0, eps=1e-8),
-}
+def _split_by_decay(groups: list[dict], weight_decay: float, decay: set[str]) -> list[dict]:
+    """Each group as its decayed part (`weight_decay`) and the rest (0); empty parts dropped."""
+    out = []
+    for g in groups:
+        for wd, keep in ((weight_decay, True), (0.0, False)):
+            params = [(n, p) for n, p in g["params"] if (n in decay) == keep]
+            if params:
+                out.append({**g, "params": params, "weight_decay": wd})
+    return out
 
 
-def build_optimizer(name: str, model: torch.nn.Module, options: OptimizerOptions):
-    if name not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {name!r}; allowed: {', '.join(sorted(OPTIMIZERS))}")
-    return OPTIMIZERS[name](model, options)
+def class_and_kwargs(cfg: "OptimConfig", model: torch.nn.Module, *, seed: int = 0,
+                     nonfinite: str = "error", decay: set[str] | None = None) -> tuple[type, dict]:
+    """(optimizer class, kwargs with `params`) for `cfg` on `model`. `decay` names the parameters
+    that take weight decay (default: `decay_parameter_names(model)`, read only when it matters)."""
+    o = resolved_options(cfg)
+    if cfg.weight_decay and decay is None:
+        decay = decay_parameter_names(model)
+    betas = (o.pop("adam_beta1"), o.pop("adam_beta2"))
+    lr, wd, name = o.pop("lr"), o.pop("weight_decay"), o.pop("method")
+    targets = parse_target_modules(o.pop("target_modules"))
+    if not METHODS[name].projects:
+        if subspace_only_options(cfg):
+            raise ValueError(f"optimizer {name!r} projects nothing: "
+                             f"{', '.join(subspace_only_options(cfg))} apply only to the "
+                             f"subspace optimizers")
+        named = [{"params": list(model.named_parameters())}]
+        params = _split_by_decay(named, wd, decay) if wd else model.parameters()
+        if wd:  # torch's AdamW wants plain tensors in groups given as dicts
+            params = [{**g, "params": [p for _, p in g["params"]]} for g in params]
+        return torch.optim.AdamW, dict(params=params, lr=lr, betas=betas, eps=o["adam_epsilon"],
+                                       weight_decay=wd)
+    import subspace_optim as so
+
+    groups = so.subspace_param_groups(model, target_modules=targets,
+                                      **{k: o.pop(k) for k in GROUP_KEYS})
+    if wd:
+        groups = _split_by_decay(groups, wd, decay)
+    kwargs = {_RENAMED.get(k, k): v for k, v in o.items()}
+    return getattr(so, METHODS[name].class_name), dict(
+        params=groups, lr=lr, betas=betas, weight_decay=wd, seed=seed, nonfinite=nonfinite, **kwargs)
 
 
-def options_from_config(cfg) -> OptimizerOptions:
-    """`OptimizerOptions` from a `TrainConfig`."""
-    o = cfg.optim
-    return OptimizerOptions(lr=o.lr, weight_decay=o.weight_decay, rank=o.rank,
-                            update_proj_gap=o.update_proj_gap, scale=o.scale,
-                            target_modules=parse_target_modules(o.target_modules), seed=cfg.seed,
-                            nonfinite=cfg.nonfinite, state_bits=o.state_bits,
-                            projector_bits=o.projector_bits)
+def build_optimizer(cfg: "OptimConfig", model: torch.nn.Module, **kw) -> torch.optim.Optimizer:
+    """The optimizer `cfg` describes, for `model` (keywords as in `class_and_kwargs`)."""
+    cls, kwargs = class_and_kwargs(cfg, model, **kw)
+    return cls(**kwargs)
 
 
 def state_bytes(opt: torch.optim.Optimizer) -> int:
     """Bytes of every tensor in `opt.state_dict()["state"]` (the library's definition)."""
-    try:
-        from subspace_optim import optimizer_state_bytes
-        return int(optimizer_state_bytes(opt))
-    except ImportError:
-        pass
-    total = 0
-    stack = [opt.state_dict()["state"]]
-    while stack:
-        v = stack.pop()
-        if isinstance(v, torch.Tensor):
-            total += v.numel() * v.element_size()
-        elif isinstance(v, dict):
-            stack.extend(v.values())
-        elif isinstance(v, (list, tuple)):
-            stack.extend(v)
-    return total
+    from subspace_optim import optimizer_state_bytes
 
-
-def diagnostics(opt: torch.optim.Optimizer) -> list[dict]:
-    """Per-projected-param subspace records, or [] for optimizers without subspaces."""
-    if not any(g.get("subspace") for g in opt.param_groups):
-        return []
-    from subspace_optim import subspace_diagnostics
-    return subspace_diagnostics(opt)
+    return int(optimizer_state_bytes(opt))

@@ -103,8 +103,9 @@ def markdown_table(rows: list[dict], command: str | None = None) -> str:
              "state_dict. Tokens/s excludes evaluation and checkpointing; it includes subspace refreshes, whose "
              "extra time (refresh steps' optimizer time over the median plain step, summed) is "
              "shown separately. Peak memory: on CUDA, "
-             "max_memory_allocated of the run; on CPU, the process's resident set size sampled "
-             "after every step (it includes the Python/torch runtime, ~0.5-1 GB).\n")
+             "max_memory_allocated of the run; on CPU, the process's peak resident set size "
+             "(VmHWM, reset at every logging window; it includes the Python/torch runtime, "
+             "~0.5-1 GB).\n")
     if command:
         text += f"\nReproduce with:\n\n    {command}\n"
     return text

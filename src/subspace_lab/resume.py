@@ -48,6 +48,7 @@ def _leaves(d: dict, prefix: str = "") -> dict:
 
 
 def config_differences(saved: dict, now: dict) -> list[str]:
+    saved = TrainConfig.from_dict(saved).to_dict()  # names of older versions, new fields' defaults
     a = _leaves({k: saved.get(k) for k in MUST_MATCH})
     b = _leaves({k: now.get(k) for k in MUST_MATCH})
     return [f"{k} (saved {a.get(k)!r}, now {b.get(k)!r})" for k in sorted(set(a) | set(b))

@@ -11,7 +11,7 @@ from subspace_lab.config import TrainConfig
 
 def make_cfg(out_dir, cache_dir, **over) -> TrainConfig:
     cfg = TrainConfig()
-    cfg.model.name = "micro"
+    cfg.model = "micro"
     cfg.data.source = "kjv"
     cfg.data.max_docs = 40
     cfg.data.vocab_size = 512
@@ -32,6 +32,8 @@ def make_cfg(out_dir, cache_dir, **over) -> TrainConfig:
         *parents, leaf = k.split("__")
         for p in parents:
             obj = getattr(obj, p)
+        if not hasattr(obj, leaf):  # a typo (or a renamed field) must not set a stray attribute
+            raise AttributeError(f"make_cfg: {type(obj).__name__} has no field {leaf!r}")
         setattr(obj, leaf, v)
     return cfg
 

@@ -150,8 +150,8 @@ def test_names_are_checked_before_any_data_is_built(tmp_path, lab_cache, capsys,
 
 
 def test_optimizer_help_lists_the_names(capsys):
-    from subspace_lab.optimizers import OPTIMIZERS
+    from subspace_lab.optimizers import METHODS
     with pytest.raises(SystemExit):
         main(["pretrain", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "--optimizer STR optimizer: " + ", ".join(sorted(OPTIMIZERS)) in text
+    assert "--method STR, --optimizer STR optimizer: " + ", ".join(METHODS) in text

@@ -28,16 +28,24 @@ def test_pretrain_and_resume(tmp_path, lab_cache, capsys):
     summary = json.loads(capsys.readouterr().out.split("\n}\n")[-2] + "\n}")
     assert summary["steps"] == 6 and summary["final_val_ppl"] > 1
     saved = json.loads((out / "config.json").read_text())
-    assert saved["optim"]["name"] == "galore" and saved["optim"]["rank"] == 4
+    assert saved["optim"]["method"] == "galore" and saved["optim"]["rank"] == 4
     assert (out / "checkpoints" / "step-000003" / "manifest.json").exists()
+    # the run's table and plots, as compare writes them
+    assert summary["report"] == str(out / "results.md") and "| galore |" in (out / "results.md").read_text()
+    for png in ("val_loss.png", "overlap.png"):
+        assert (out / png).stat().st_size > 1000 and str(out / png) in summary["plots"]
 
 
 def test_compare_and_report(tmp_path, lab_cache, capsys):
     out = tmp_path / "cmp"
     rc = main(["compare", *_common(lab_cache), "--steps", "6", "--eval-every", "3",
                "--optimizers", "adamw,i3s", "--lrs", "adamw=2e-3,i3s=5e-3", "--seeds", "0,1",
-               "--rank", "4", "--update-proj-gap", "2", "--out-dir", str(out)])
+               "--rank", "4", "--update-proj-gap", "2", "--svd-method", "gram",
+               "--out-dir", str(out)])
     assert rc == 0
+    # subspace-only options reach the subspace runs and are left out of AdamW's
+    assert json.loads((out / "i3s-seed0" / "config.json").read_text())["optim"]["svd_method"] == "gram"
+    assert json.loads((out / "adamw-seed1" / "config.json").read_text())["optim"]["svd_method"] is None
     printed = capsys.readouterr().out
     assert f"Report: {(out / 'results.md').resolve()}" in printed
     rows = list(csv.DictReader(open(out / "results.csv")))
@@ -111,17 +119,6 @@ def test_compare_help_shows_compare_defaults(capsys):
         assert shown == str(value), flag
     assert (d.steps, d.batch_size, d.optim.update_proj_gap, d.out_dir) == \
         (600, 8, 12, "runs/compare")
-
-
-def test_compare_tokens_budget_replaces_its_default_steps():
-    import argparse
-
-    from subspace_lab.compare import default_compare_config
-    from subspace_lab.config import add_config_args, config_from_args
-    p = argparse.ArgumentParser()
-    add_config_args(p)
-    cfg = config_from_args(p.parse_args(["--tokens", "4096"]), base=default_compare_config())
-    assert cfg.total_steps() == 4096 // (8 * 128)
 
 
 @pytest.mark.parametrize("command", ["pretrain", "compare"])

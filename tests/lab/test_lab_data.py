@@ -118,3 +118,46 @@ def test_bad_inputs(tmp_path, lab_cache, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ValueError, match="could not load dataset 'no-such-org/no-such-data'"):
         build_data(_cfg(lab_cache, source="no-such-org/no-such-data", streaming=True), 0)
+
+
+def test_streamed_data_resumes_from_the_datasets_own_state(tmp_path, lab_cache, monkeypatch):
+    """A resumed stream continues from `IterableDataset.state_dict()` and the packer's leftover
+    tokens: the same rows as an uninterrupted stream, and nothing before the position is read or
+    tokenized again (across an epoch boundary too)."""
+    import subspace_lab.streaming as S
+    monkeypatch.setattr(S, "ENCODE_CHUNK", 3)  # several chunks in a small file
+    jsl = write_jsonl_corpus(tmp_path / "c.jsonl", 8)
+    cfg = _cfg(lab_cache, source=str(jsl), max_docs=None, streaming=True, val_fraction=0.1)
+    whole = build_data(cfg, 0, val_sequences=4)
+    rows = [whole.next_batch(8) for _ in range(40)]  # more than one pass over the file
+    assert whole.state_dict()["epoch"] >= 1
+    cut = build_data(cfg, 0, val_sequences=4)
+    for i in range(25):
+        assert torch.equal(cut.next_batch(8), rows[i])
+    saved = cut.state_dict()
+    assert set(saved["stream"]) == {"dataset", "docs", "buffer"}
+    encoded = []
+    real = cut.tokenizer.encode_batch
+
+    def counting(texts):
+        encoded.extend(texts)
+        return real(texts)
+    resumed = build_data(cfg, 0, val_sequences=4)
+    resumed.tokenizer.encode_batch = counting
+    resumed.load_state_dict(saved)
+    assert torch.equal(resumed.next_batch(8), rows[25])
+    assert len(encoded) <= S.ENCODE_CHUNK  # at most one new chunk, not the stream up to here
+    for i in range(26, 40):
+        assert torch.equal(resumed.next_batch(8), rows[i])
+
+
+def test_stream_cursor_is_a_weights_only_checkpoint_value(tmp_path, lab_cache):
+    import io
+    jsl = write_jsonl_corpus(tmp_path / "c.jsonl", 12)
+    s = build_data(_cfg(lab_cache, source=str(jsl), max_docs=None, streaming=True), 0, 4)
+    s.next_batch(2)
+    buf = io.BytesIO()
+    torch.save(s.state_dict(), buf)
+    buf.seek(0)
+    again = torch.load(buf, weights_only=True)
+    assert again["pos"] == 2 and torch.equal(again["stream"]["buffer"], s.state_dict()["stream"]["buffer"])

@@ -36,7 +36,7 @@ WORKER = textwrap.dedent("""
 
 
 def test_ddp_two_cpu_ranks(tmp_path, lab_cache):
-    cfg = make_cfg(tmp_path / "ddp", lab_cache, optim__name="i3s", steps=6, checkpoint_every=3,
+    cfg = make_cfg(tmp_path / "ddp", lab_cache, optim__method="i3s", steps=6, checkpoint_every=3,
                    batch_size=2)
     (tmp_path / "cfg.json").write_text(json.dumps(cfg.to_dict()))
     (tmp_path / "worker.py").write_text(WORKER)
@@ -59,6 +59,6 @@ def test_ddp_two_cpu_ranks(tmp_path, lab_cache):
     assert len([l for l in (out / "metrics.jsonl").read_text().splitlines()
                 if '"event": "train"' in l]) == 6  # one writer
     # two ranks x batch 2 == one process x batch 4 on the same global batches
-    single = train(make_cfg(tmp_path / "one", lab_cache, optim__name="i3s", steps=6, batch_size=4))
+    single = train(make_cfg(tmp_path / "one", lab_cache, optim__method="i3s", steps=6, batch_size=4))
     for k, v in single.model.state_dict().items():
         torch.testing.assert_close(r0["params"][k], v, rtol=1e-3, atol=1e-4, msg=k)

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from lab_helpers import lab_cache, make_cfg  # noqa: F401
-from subspace_lab.optimizers import OPTIMIZERS
+from subspace_lab.optimizers import METHODS
 from subspace_lab.train import train
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"
@@ -40,11 +40,11 @@ def assert_matches_golden(losses: list[float], expected: list[float]) -> None:
 
 
 def run_losses(tmp_path, cache, name: str, **over) -> list[float]:
-    cfg = make_cfg(tmp_path / name, cache, optim__name=name, steps=20, eval_every=0, device="cpu", **over)
+    cfg = make_cfg(tmp_path / name, cache, optim__method=name, steps=20, eval_every=0, device="cpu", **over)
     return train(cfg).losses
 
 
-@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("name", sorted(set(METHODS) - {"subspace"}))  # subspace: below
 def test_golden_losses(tmp_path, lab_cache, name):
     if torch.cuda.is_available():
         pytest.skip("golden losses are recorded on CPU")
@@ -65,3 +65,13 @@ def test_golden_tolerance_still_catches_small_changes(tmp_path, lab_cache, chang
     losses = run_losses(tmp_path, lab_cache, "galore", **change)
     with pytest.raises(AssertionError):
         assert_matches_golden(losses, golden_losses("galore"))
+
+
+@pytest.mark.parametrize("options,same_as", [({}, "galore"), ({"optim__selector": "importance"}, "i3s")])
+def test_subspace_method_composes_the_presets_from_options(tmp_path, lab_cache, options, same_as):
+    """`--optimizer subspace` takes every choice from the options: its defaults are GaLore's, and
+    `--selector importance` is I3S, to the bit (both run here, on this machine)."""
+    kw = dict(steps=20, eval_every=0, device="cpu")
+    composed = train(make_cfg(tmp_path / "s", lab_cache, optim__method="subspace", **kw, **options))
+    preset = train(make_cfg(tmp_path / "p", lab_cache, optim__method=same_as, **kw))
+    assert composed.losses == preset.losses

@@ -10,12 +10,12 @@ TORN = '{"event": "train", "step": 5, "loss": 6.1, "lr": 0.0'  # cut mid-record:
 
 
 def _strip(records):
-    return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "train_time_s", "rss_peak_mb")}
+    return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "train_time_s", "peak_memory_mb")}
             for r in records]
 
 
 def test_torn_last_lines_are_dropped_on_resume(tmp_path, lab_cache):
-    kw = dict(steps=8, optim__name="galore", eval_every=4)
+    kw = dict(steps=8, optim__method="galore", eval_every=4)
     full = train(make_cfg(tmp_path / "full", lab_cache, **kw))
     train(make_cfg(tmp_path / "cut", lab_cache, stop_at=4, **kw))
     for name in ("metrics.jsonl", "overlap.jsonl"):  # the kill came while writing step 5

@@ -8,7 +8,7 @@ from subspace_optim import subspace_diagnostics
 
 
 def test_overlap_records_are_the_library_diagnostics_of_each_refresh(tmp_path, lab_cache):
-    result = T.train(make_cfg(tmp_path / "o", lab_cache, optim__name="galore", steps=11,
+    result = T.train(make_cfg(tmp_path / "o", lab_cache, optim__method="galore", steps=11,
                               optim__update_proj_gap=5))
     records = read_jsonl(tmp_path / "o" / "overlap.jsonl")
     last_step = max(r["step"] for r in records)

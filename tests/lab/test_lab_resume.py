@@ -12,12 +12,12 @@ N = 12
 
 @pytest.mark.parametrize("opt,k", [("adamw", 7), ("galore", 6), ("i3s", 5), ("i3s", 6)])
 def test_bitwise_resume(tmp_path, lab_cache, opt, k):
-    full = train(make_cfg(tmp_path / "full", lab_cache, steps=N, optim__name=opt))
-    part = train(make_cfg(tmp_path / "cut", lab_cache, steps=N, optim__name=opt, stop_at=k))
+    full = train(make_cfg(tmp_path / "full", lab_cache, steps=N, optim__method=opt))
+    part = train(make_cfg(tmp_path / "cut", lab_cache, steps=N, optim__method=opt, stop_at=k))
     assert len(part.losses) == k
     assert (tmp_path / "cut" / "checkpoints" / f"step-{k:06d}" / "manifest.json").exists()
     torch.manual_seed(12345)  # a different process state: the checkpoint must restore RNGs
-    rest = train(make_cfg(tmp_path / "cut", lab_cache, steps=N, optim__name=opt, resume=True))
+    rest = train(make_cfg(tmp_path / "cut", lab_cache, steps=N, optim__method=opt, resume=True))
     assert part.losses + rest.losses == full.losses
     assert params_equal(full.model, rest.model)
     sa, sb = full.optimizer.state_dict(), rest.optimizer.state_dict()
@@ -26,13 +26,13 @@ def test_bitwise_resume(tmp_path, lab_cache, opt, k):
             w = sb["state"][pid][key]
             assert torch.equal(v, w) if isinstance(v, torch.Tensor) else v == w, (pid, key)
     strip = lambda rs: [{k: v for k, v in r.items() if k not in ("tokens_per_s", "train_time_s",
-                         "rss_peak_mb")} for r in rs]
+                         "peak_memory_mb")} for r in rs]
     assert strip(read_jsonl(tmp_path / "full" / "metrics.jsonl")) == \
         strip(read_jsonl(tmp_path / "cut" / "metrics.jsonl"))
 
 
 def test_checkpoint_is_complete(tmp_path, lab_cache):
-    cfg = make_cfg(tmp_path / "r", lab_cache, steps=4, checkpoint_every=2, optim__name="i3s")
+    cfg = make_cfg(tmp_path / "r", lab_cache, steps=4, checkpoint_every=2, optim__method="i3s")
     train(cfg)
     latest = ckpt.find_latest_valid(tmp_path / "r" / "checkpoints")
     assert latest.name == "step-000004"

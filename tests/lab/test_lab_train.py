@@ -10,7 +10,7 @@ import torch
 import subspace_lab.train as T
 from lab_helpers import lab_cache, make_cfg, params_equal, read_jsonl  # noqa: F401
 from subspace_lab import checkpoint as ckpt
-from subspace_lab.schedule import lr_factor
+from subspace_lab.config import TrainConfig
 
 
 def _nan_on_call(monkeypatch, call_no: int):
@@ -34,10 +34,10 @@ def _keep_models(monkeypatch) -> list:
 
 
 def test_nonfinite_error_aborts_before_update(tmp_path, lab_cache, monkeypatch):  # H5
-    clean = T.train(make_cfg(tmp_path / "clean", lab_cache, optim__name="i3s", stop_at=3))
+    clean = T.train(make_cfg(tmp_path / "clean", lab_cache, optim__method="i3s", stop_at=3))
     _nan_on_call(monkeypatch, 4)
     built = _keep_models(monkeypatch)
-    cfg = make_cfg(tmp_path / "bad", lab_cache, optim__name="i3s", checkpoint_every=2)
+    cfg = make_cfg(tmp_path / "bad", lab_cache, optim__method="i3s", checkpoint_every=2)
     with pytest.raises(T.NonFiniteLossError, match="step 4.*no update was applied"):
         T.train(cfg)
     assert params_equal(built[0], clean.model)  # the weights are those after step 3
@@ -47,9 +47,9 @@ def test_nonfinite_error_aborts_before_update(tmp_path, lab_cache, monkeypatch):
 
 
 def test_nonfinite_skip_skips_and_counts(tmp_path, lab_cache, monkeypatch):  # H5
-    clean = T.train(make_cfg(tmp_path / "clean", lab_cache, optim__name="i3s", stop_at=3))
+    clean = T.train(make_cfg(tmp_path / "clean", lab_cache, optim__method="i3s", stop_at=3))
     _nan_on_call(monkeypatch, 4)
-    skipped = T.train(make_cfg(tmp_path / "skip", lab_cache, optim__name="i3s", nonfinite="skip",
+    skipped = T.train(make_cfg(tmp_path / "skip", lab_cache, optim__method="i3s", nonfinite="skip",
                                stop_at=4))
     assert skipped.skipped_steps == 1 and math.isnan(skipped.losses[3])
     assert params_equal(skipped.model, clean.model)
@@ -99,7 +99,7 @@ def test_metrics_honesty(tmp_path, lab_cache, monkeypatch, name):  # H9
         return real_eval(*a, **k)
     monkeypatch.setattr(T, "evaluate", slow_eval)
     t0 = time.perf_counter()
-    res = T.train(make_cfg(tmp_path / "m", lab_cache, optim__name=name, steps=10, eval_every=2,
+    res = T.train(make_cfg(tmp_path / "m", lab_cache, optim__method=name, steps=10, eval_every=2,
                            checkpoint_every=2))
     wall = time.perf_counter() - t0
     recs = read_jsonl(tmp_path / "m" / "metrics.jsonl")
@@ -136,24 +136,44 @@ def test_validation_ppl_is_token_weighted(tmp_path, lab_cache):  # H7
     assert ev["val_ppl"] != pytest.approx(mean_of_batch_ppl, rel=1e-9)
 
 
-def test_warmup_cosine_schedule(tmp_path, lab_cache):
-    total, warm = 100, 10
-    f = [lr_factor(s, total, warm, 0.1) for s in range(total + 1)]
-    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0) and f[10] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(f[10:], f[11:]))
-    assert f[total] == pytest.approx(0.1)
+def _old_lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """The lab's hand-written schedule before it used transformers' (for the comparison below)."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@pytest.mark.parametrize("total,fraction,min_ratio", [(20, 0.1, 0.1), (600, 0.1, 0.1),
+                                                      (100, 0.3, 0.0), (7, 0.0, 1.0),
+                                                      (1000, 0.05, 0.037)])
+def test_schedule_is_transformers_and_the_old_one_after_warmup(total, fraction, min_ratio):
+    cfg = TrainConfig()
+    cfg.warmup_fraction, cfg.min_lr_ratio = fraction, min_ratio
+    sched = T.lr_schedule(torch.optim.SGD([torch.zeros(1)], lr=1.0), total, cfg)
+    factor, warm = sched.lr_lambdas[0], int(round(fraction * total))
+    after = range(warm, total + 1)
+    assert [factor(s) for s in after] == [_old_lr_factor(s, total, warm, min_ratio) for s in after]
+    # the one difference, in warmup: transformers' step s trains at s/W of the peak (0 first),
+    # the old schedule at (s + 1)/W
+    assert [factor(s) for s in range(warm)] == [s / warm for s in range(warm)]
+
+
+def test_warmup_cosine_in_a_run(tmp_path, lab_cache):
     T.train(make_cfg(tmp_path / "s", lab_cache, steps=10, warmup_fraction=0.2))
     lrs = [r["lr"] for r in read_jsonl(tmp_path / "s" / "metrics.jsonl") if r["event"] == "train"]
-    assert lrs[0] == pytest.approx(1e-2) and lrs[-1] == pytest.approx(1e-3)
+    # the LR after each step (the next step's): warmup 2 steps, then cosine from 1e-2 to 1e-3
+    assert lrs[0] == pytest.approx(0.5e-2) and lrs[1] == pytest.approx(1e-2)
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:])) and lrs[-1] == pytest.approx(1e-3)
 
 
 def test_overlap_records_per_refresh(tmp_path, lab_cache):
-    T.train(make_cfg(tmp_path / "o", lab_cache, optim__name="galore", steps=12))
+    T.train(make_cfg(tmp_path / "o", lab_cache, optim__method="galore", steps=12))
     recs = read_jsonl(tmp_path / "o" / "overlap.jsonl")
     assert sorted({r["step"] for r in recs}) == [6, 11]        # refreshes at 1, 6, 11
     assert len(recs) == 2 * 14                                  # 7 linears x 2 layers
     assert all(0.0 <= r["overlap"] <= 1.0 + 1e-5 for r in recs)
-    T.train(make_cfg(tmp_path / "a", lab_cache, optim__name="adamw", steps=3))
+    T.train(make_cfg(tmp_path / "a", lab_cache, optim__method="adamw", steps=3))
     assert read_jsonl(tmp_path / "a" / "overlap.jsonl") == []
 
 
