@@ -65,6 +65,9 @@ class OptimConfig:
 
     method: str = _f("adamw", "optimizer: " + ", ".join(METHODS), aliases=["--optimizer"])
     lr: float = _f(3e-3, "peak learning rate", aliases=["--learning-rate", "--learning_rate"])
+    dense_lr: float | None = _f(None, "peak learning rate of the parameters outside --target-modules "
+                                "(embeddings, LM head, norms), for every method, AdamW included "
+                                "(default: --lr); the schedule scales both alike")
     weight_decay: float = _f(0.0, "decoupled weight decay, on the weights the Hugging Face "
                              "Trainer decays (not biases, not norms)")
     adam_beta1: float | None = _f(None, "Adam beta1 (" + _method_default("adam_beta1") + ")")
@@ -189,6 +192,7 @@ class TrainConfig:
         check(self.stop_at is None or self.stop_at >= 1, "stop_at", ">= 1")
         check(self.tokens is None or self.tokens >= 1, "tokens", ">= 1")
         check(self.optim.lr > 0, "optim.lr", "> 0")
+        check(self.optim.dense_lr is None or self.optim.dense_lr > 0, "optim.dense_lr", "> 0")
         check(self.optim.weight_decay >= 0, "optim.weight_decay", ">= 0")
         check(0 <= self.warmup_fraction < 1, "warmup_fraction", "in [0, 1)")
         check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "in [0, 1]")

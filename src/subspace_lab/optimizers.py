@@ -57,7 +57,8 @@ def check_method(name: str) -> Method:
 def subspace_only_options(cfg: "OptimConfig") -> list[str]:
     """The options given (not None) that only a subspace method uses."""
     return sorted(k for k, v in dataclasses.asdict(cfg).items() if v is not None and k not in
-                  {"method", "lr", "weight_decay", "target_modules", *SHARED_DEFAULTS, *GROUP_KEYS})
+                  {"method", "lr", "dense_lr", "weight_decay", "target_modules", *SHARED_DEFAULTS,
+                   *GROUP_KEYS})
 
 
 def without_subspace_options(cfg: "OptimConfig") -> "OptimConfig":
@@ -106,21 +107,27 @@ def class_and_kwargs(cfg: "OptimConfig", model: torch.nn.Module, *, seed: int = 
         decay = decay_parameter_names(model)
     betas = (o.pop("adam_beta1"), o.pop("adam_beta2"))
     lr, wd, name = o.pop("lr"), o.pop("weight_decay"), o.pop("method")
+    dense_lr = o.pop("dense_lr", None)
     targets = parse_target_modules(o.pop("target_modules"))
+    import subspace_optim as so
+
     if not METHODS[name].projects:
         if subspace_only_options(cfg):
             raise ValueError(f"optimizer {name!r} projects nothing: "
                              f"{', '.join(subspace_only_options(cfg))} apply only to the "
                              f"subspace optimizers")
-        named = [{"params": list(model.named_parameters())}]
-        params = _split_by_decay(named, wd, decay) if wd else model.parameters()
-        if wd:  # torch's AdamW wants plain tensors in groups given as dicts
-            params = [{**g, "params": [p for _, p in g["params"]]} for g in params]
+        if dense_lr is None:
+            named = [{"params": list(model.named_parameters())}]
+        else:  # the subspace methods' routing: target matrices at lr, the rest at dense_lr
+            named = [{"params": g["params"], **({} if g["subspace"] else {"lr": dense_lr})}
+                     for g in so.subspace_param_groups(model, target_modules=targets)]
+        params = _split_by_decay(named, wd, decay) if wd else named
+        # torch's AdamW wants plain tensors in groups given as dicts
+        params = [{**g, "params": [p for _, p in g["params"]]} for g in params]
         return torch.optim.AdamW, dict(params=params, lr=lr, betas=betas, eps=o["adam_epsilon"],
                                        weight_decay=wd)
-    import subspace_optim as so
-
     groups = so.subspace_param_groups(model, target_modules=targets,
+                                      dense_options=None if dense_lr is None else {"lr": dense_lr},
                                       **{k: o.pop(k) for k in GROUP_KEYS})
     if wd:
         groups = _split_by_decay(groups, wd, decay)
