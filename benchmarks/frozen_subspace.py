@@ -107,8 +107,8 @@ def run(method: str, seed: int, rho: float, lr: float, steps: int) -> dict:
 
 def fmt(values: list[float]) -> str:
     if len(values) == 1:
-        return f"{values[0]:.4f}"
-    return f"{statistics.fmean(values):.4f} ± {statistics.stdev(values):.4f}"
+        return f"{values[0]:.3g}"
+    return f"{statistics.fmean(values):.3g} ± {statistics.stdev(values):.2g}"
 
 
 def main() -> None:
@@ -118,6 +118,7 @@ def main() -> None:
     ap.add_argument("--rhos", default="0,0.1,0.25,0.5,1,2,4,8", help="noise levels (comma list)")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--tag", default="", help="suffix of the output files (e.g. _short)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     rhos = [float(r) for r in args.rhos.split(",")]
@@ -150,7 +151,8 @@ def main() -> None:
         f"basis is S); 'consecutive' = mean overlap of consecutive bases.",
         "",
         "Command: `" + " ".join(["python benchmarks/frozen_subspace.py", f"--seeds {args.seeds}",
-                                f"--steps {args.steps}", f"--rhos {args.rhos}"]) + "`",
+                                f"--steps {args.steps}", f"--rhos {args.rhos}"]
+                                + ([f"--tag {args.tag}"] if args.tag else [])) + "`",
         "",
         "| rho | " + " | ".join(methods) + " |",
         "|---|" + "---|" * len(methods),
@@ -174,9 +176,9 @@ def main() -> None:
             con = [r["consecutive"] for r in runs if r["consecutive"] is not None]
             cells.append(f"{statistics.fmean(ins):.3f} / " + (f"{statistics.fmean(con):.3f}" if con else "-"))
         lines.append(f"| {rho:g} | " + " | ".join(cells) + " |")
-    (out / "frozen_subspace.md").write_text("\n".join(lines) + "\n")
+    (out / f"frozen_subspace{args.tag}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    plot(best, rhos, methods, args.steps, out / "frozen_subspace.png")
+    plot(best, rhos, methods, args.steps, out / f"frozen_subspace{args.tag}.png")
 
 
 def plot(best, rhos, methods, steps, path: Path) -> None:

@@ -102,8 +102,8 @@ def report(out: Path, results: Path) -> None:
              "(1 = frozen; r / k = unrelated random subspaces). 'late' = mean over the refreshes in the "
              "second half of training.", "",
              "## One factor at a time (base: " + ", ".join(f"{k} {v}" for k, v in BASE.items()) + ")", "",
-             "| factor | run | setting | late overlap (all weights) | random r/k | val loss |",
-             "|---|---|---|---|---|---|"]
+             "| factor | run | setting | late overlap (all weights) | random r/k | normalised (0 random, 1 frozen) | val loss |",
+             "|---|---|---|---|---|---|---|"]
     for factor, names in FACTORS:
         for name in names:
             if name not in rows:
@@ -111,8 +111,9 @@ def report(out: Path, results: Path) -> None:
             s = settings(name)
             changed = ", ".join(f"{k} {v}" for k, v in STUDY[name].items()) or "base"
             rk = s["rank"] / HIDDEN[s["model"]]
+            norm = (rows[name]["mean"] - rk) / (1 - rk)
             lines.append(f"| {factor} | {name} | {changed} | {rows[name]['mean']:.3f} | {rk:.3f} | "
-                         f"{rows[name]['val_loss']:.3f} |")
+                         f"{norm:.3f} | {rows[name]['val_loss']:.3f} |")
     lines += ["", "## Per weight type (late overlap)", "",
               "| run | " + " | ".join(t.replace("_proj", "") for t in TYPES) + " |",
               "|---|" + "---|" * len(TYPES)]
