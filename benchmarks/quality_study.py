@@ -8,11 +8,12 @@ Model `small` (5.3M parameters, hidden 256, 4 layers, vocab 4096) on the embedde
 sequence 128, batch 8, warmup 10% then cosine to 10%, clip 1.0, rank 64 (hidden / 4) on every
 attention/MLP matrix, scale 0.25, refresh every 25 steps. Phases (each a `subspace compare`; a
 phase whose report exists is skipped, so `run` can be stopped and started again):
-1. `sweep-subspace`: GaLore and I3S at lr {1e-2, 2e-2, 4e-2}, 500 steps, seed 0.
+1. `sweep-subspace*`: GaLore and I3S at lr {2.5e-3, 5e-3, 1e-2, 2e-2, 4e-2}, 500 steps, seed 0.
 2. `sweep-adamw-fair`: AdamW with the dense parameters (embeddings, LM head, norms) at GaLore's best
-   lr, as in the subspace runs, and the matrices' lr swept {1e-3, 3e-3, 1e-2}; `sweep-adamw-plain`:
-   AdamW with one lr for everything, {1e-3, 3e-3, 1e-2}.
-3. `full-*`: each method at its best lr, 1,500 steps (60 refreshes, 1.5M tokens), seeds 0, 1, 2.
+   lr, as in the subspace runs, and the matrices' lr swept {1e-4, 3e-4, 1e-3, 3e-3, 1e-2};
+   `sweep-adamw-plain*`: AdamW with one lr for everything, {3e-4, 1e-3, 3e-3, 1e-2} (reported from
+   the sweep only: it is far behind the fair AdamW, so it gets no full runs).
+3. `full-*`: GaLore, I3S and the fair AdamW, each at its best lr, 1,250 steps (50 refreshes, 1.3M tokens), seeds 0, 1, 2.
 `report` writes `quality_small.md`: mean ± std over seeds, the gap of each subspace method to the
 fair AdamW, and the relative reduction of GaLore's gap by I3S, ``1 - gap_I3S / gap_GaLore``, with
 its spread over the seed-paired differences.
@@ -30,8 +31,12 @@ from pathlib import Path
 
 COMMON = ["--model", "small", "--rank", "64", "--update-proj-gap", "25", "--batch-size", "8",
           "--eval-every", "250", "--threads", "1", "--no-progress"]
-SWEEP_STEPS, FULL_STEPS, SEEDS = 500, 1500, "0,1,2"
-SUBSPACE_LRS, ADAMW_LRS = (1e-2, 2e-2, 4e-2), (1e-3, 3e-3, 1e-2)
+SWEEP_STEPS, FULL_STEPS, SEEDS = 500, 1250, "0,1,2"
+# each sweep phase is (its folder, its grid); a method's best lr is taken over all its phases, and
+# a grid was extended (a new phase) whenever the best lr sat on its edge
+SUBSPACE_SWEEPS = (("sweep-subspace", (1e-2, 2e-2, 4e-2)), ("sweep-subspace-low", (2.5e-3, 5e-3)))
+ADAMW_SWEEPS = (("", (1e-3, 3e-3, 1e-2)), ("-low", (3e-4,)))
+FAIR_ONLY_SWEEPS = (("-lower", (1e-4,)),)  # the fair AdamW's best was still on the edge at 3e-4
 
 
 def compare(out: Path, optimizers: str, lrs: str, steps: int, seeds: str, extra=()) -> list[str]:
@@ -48,9 +53,27 @@ def rows(phase_dir: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def best_lr(phase_dir: Path, optimizer: str) -> float:
-    candidates = [r for r in rows(phase_dir) if r["optimizer"] == optimizer]
-    return float(min(candidates, key=lambda r: float(r["final_val_loss"]))["lr"])
+def sweep_rows(out: Path, dirs, optimizer: str) -> list[dict]:
+    return [r for d in dirs for r in rows(out / d) if r["optimizer"] == optimizer]
+
+
+def best_lr(out: Path, dirs, optimizer: str) -> float:
+    return float(min(sweep_rows(out, dirs, optimizer), key=lambda r: float(r["final_val_loss"]))["lr"])
+
+
+def fair_dirs(dense: float) -> list[str]:
+    return [f"sweep-adamw-fair-dense{dense:g}{suffix}" for suffix, _ in ADAMW_SWEEPS + FAIR_ONLY_SWEEPS]
+
+
+PLAIN_DIRS = [f"sweep-adamw-plain{suffix}" for suffix, _ in ADAMW_SWEEPS]
+SUBSPACE_DIRS = [d for d, _ in SUBSPACE_SWEEPS]
+
+
+def chosen(out: Path) -> dict[str, tuple[float, list[str]]]:
+    """method -> (best lr, extra compare flags), from the sweeps."""
+    dense = best_lr(out, SUBSPACE_DIRS, "galore")
+    return {"galore": (dense, []), "i3s": (best_lr(out, SUBSPACE_DIRS, "i3s"), []),
+            "adamw-fair": (best_lr(out, fair_dirs(dense), "adamw"), ["--dense-lr", f"{dense:g}"])}
 
 
 def execute(commands: dict[str, list[str]], out: Path, jobs: int) -> None:
@@ -69,22 +92,23 @@ def execute(commands: dict[str, list[str]], out: Path, jobs: int) -> None:
 
 def run(out: Path, jobs: int) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    execute({"sweep-subspace": compare(out / "sweep-subspace", "galore,i3s",
-                                       f"{grid('galore', SUBSPACE_LRS)},{grid('i3s', SUBSPACE_LRS)}",
-                                       SWEEP_STEPS, "0")}, out, jobs)
-    dense = best_lr(out / "sweep-subspace", "galore")
-    execute({"sweep-adamw-fair": compare(out / "sweep-adamw-fair", "adamw", grid("adamw", ADAMW_LRS),
-                                         SWEEP_STEPS, "0", ["--dense-lr", f"{dense:g}"]),
-             "sweep-adamw-plain": compare(out / "sweep-adamw-plain", "adamw", grid("adamw", ADAMW_LRS),
-                                          SWEEP_STEPS, "0")}, out, jobs)
-    g, i = best_lr(out / "sweep-subspace", "galore"), best_lr(out / "sweep-subspace", "i3s")
-    fair, plain = best_lr(out / "sweep-adamw-fair", "adamw"), best_lr(out / "sweep-adamw-plain", "adamw")
-    execute({"full-galore": compare(out / "full-galore", "galore", f"galore={g:g}", FULL_STEPS, SEEDS),
-             "full-i3s": compare(out / "full-i3s", "i3s", f"i3s={i:g}", FULL_STEPS, SEEDS),
-             "full-adamw-fair": compare(out / "full-adamw-fair", "adamw", f"adamw={fair:g}", FULL_STEPS,
-                                        SEEDS, ["--dense-lr", f"{dense:g}"]),
-             "full-adamw-plain": compare(out / "full-adamw-plain", "adamw", f"adamw={plain:g}",
-                                         FULL_STEPS, SEEDS)}, out, jobs)
+    execute({d: compare(out / d, "galore,i3s", f"{grid('galore', lrs)},{grid('i3s', lrs)}", SWEEP_STEPS, "0")
+             for d, lrs in SUBSPACE_SWEEPS}, out, jobs)
+    dense = best_lr(out, SUBSPACE_DIRS, "galore")
+    sweeps = {}
+    for (_, lrs), fair in zip(ADAMW_SWEEPS + FAIR_ONLY_SWEEPS, fair_dirs(dense)):
+        sweeps[fair] = compare(out / fair, "adamw", grid("adamw", lrs), SWEEP_STEPS, "0",
+                               ["--dense-lr", f"{dense:g}"])
+    for (_, lrs), plain in zip(ADAMW_SWEEPS, PLAIN_DIRS):
+        sweeps[plain] = compare(out / plain, "adamw", grid("adamw", lrs), SWEEP_STEPS, "0")
+    execute(sweeps, out, jobs)
+    execute({full_dir(m, lr): compare(out / full_dir(m, lr), m.split("-")[0], f"{m.split('-')[0]}={lr:g}",
+                                      FULL_STEPS, SEEDS, extra)
+             for m, (lr, extra) in chosen(out).items()}, out, jobs)
+
+
+def full_dir(method: str, lr: float) -> str:
+    return f"full-{method}-lr{lr:g}"
 
 
 def losses(phase_dir: Path) -> dict[int, float]:
@@ -97,9 +121,10 @@ def mean_std(values) -> str:
 
 
 def report(out: Path, results: Path) -> None:
-    dense = best_lr(out / "sweep-subspace", "galore")
-    runs = {"AdamW, one lr": "full-adamw-plain", f"AdamW fair (dense lr {dense:g})": "full-adamw-fair",
-            "GaLore": "full-galore", "I3S": "full-i3s"}
+    picks = chosen(out)
+    dense = picks["galore"][0]
+    runs = {f"AdamW fair (dense lr {dense:g})": full_dir("adamw-fair", picks["adamw-fair"][0]),
+            "GaLore": full_dir("galore", picks["galore"][0]), "I3S": full_dir("i3s", picks["i3s"][0])}
     by = {label: losses(out / phase) for label, phase in runs.items()}
     lrs = {label: float(rows(out / phase)[0]["lr"]) for label, phase in runs.items()}
     state = {label: float(rows(out / phase)[0]["optimizer_state_mb"]) for label, phase in runs.items()}
@@ -111,9 +136,16 @@ def report(out: Path, results: Path) -> None:
              f"seeds {SEEDS}). Validation loss = token-weighted mean NLL on the held-out split.", "",
              "## Learning-rate sweeps (seed 0, 500 steps)", "", "| phase | optimizer | lr | val loss |",
              "|---|---|---|---|"]
-    for phase in ("sweep-subspace", "sweep-adamw-fair", "sweep-adamw-plain"):
-        for r in sorted(rows(out / phase), key=lambda r: (r["optimizer"], float(r["lr"]))):
-            lines.append(f"| {phase} | {r['optimizer']} | {float(r['lr']):g} | {float(r['final_val_loss']):.4f} |")
+    for phase, dirs, opt in (("GaLore", SUBSPACE_DIRS, "galore"), ("I3S", SUBSPACE_DIRS, "i3s"),
+                             (f"AdamW, dense lr {dense:g}", fair_dirs(dense), "adamw"),
+                             ("AdamW, one lr", PLAIN_DIRS, "adamw")):
+        found = sorted(sweep_rows(out, dirs, opt), key=lambda r: float(r["lr"]))
+        best = min(found, key=lambda r: float(r["final_val_loss"]))
+        for r in found:
+            mark = " (best)" if r is best else ""
+            lines.append(f"| {phase} | {opt} | {float(r['lr']):g}{mark} | {float(r['final_val_loss']):.4f} |")
+        if best in (found[0], found[-1]):
+            lines.append(f"| {phase} | | best lr on the grid's edge | |")
     lines += ["", f"## Full runs ({FULL_STEPS} steps, 3 seeds)", "",
               "| method | lr (matrices) | val loss | gap to fair AdamW (paired) | optimizer state MB |",
               "|---|---|---|---|---|"]
