@@ -1,5 +1,5 @@
-"""Bad input to `subspace pretrain`/`compare`/`finetune`: one clear line on stderr, exit code 2, no traceback,
-nothing lost; names are checked before any data is built."""
+"""Bad input to `subspace pretrain`/`compare`/`finetune`: one clear line on stderr, exit code 2, no
+traceback, nothing lost; names are checked before any data is built."""
 import errno
 import os
 import re
