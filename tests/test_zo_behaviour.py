@@ -127,6 +127,30 @@ def test_nonfinite_skip_leaves_weights_within_rounding(cls):
         assert torch.allclose(p, q, rtol=0, atol=4 * torch.finfo(torch.float32).eps * q.abs().max())
 
 
+@pytest.mark.parametrize("cls", [MeZO, SubZero])
+def test_skipped_steps_are_counted_in_the_groups_and_survive_a_resume(cls):
+    model = small_model()
+    params = [{"params": model[0].parameters()}, {"params": model[2].parameters()}]
+    opt = cls(params, lr=1e-2, nonfinite="skip")
+    opt.step(closure_for(model))
+    opt.step(_nan_on_second_call(model))
+    opt.step(_nan_on_second_call(model))
+    opt.step(closure_for(model))
+    assert opt.skipped_steps == 2 and opt.param_groups[0]["step"] == 2
+    assert [g["skipped_steps"] for g in opt.param_groups] == [2, 2]
+    saved = opt.state_dict()
+    assert all(type(g["skipped_steps"]) is int for g in saved["param_groups"])  # weights_only-safe
+    again = cls([{"params": model[0].parameters()}, {"params": model[2].parameters()}],
+                lr=1e-2, nonfinite="skip")
+    assert again.skipped_steps == 0
+    again.load_state_dict(saved)
+    assert again.skipped_steps == 2
+    again.load_state_dict(saved)  # a second load is accepted too (torch added a default key)
+    saved["param_groups"][0]["skipped_steps"] = -1
+    with pytest.raises(ValueError, match="skipped_steps must"):
+        again.load_state_dict(saved)
+
+
 def test_an_exception_in_the_closure_restores_the_weights():
     model = small_model()
     opt = MeZO(model.parameters(), lr=1e-2)

@@ -83,7 +83,10 @@ class LabArgumentParser(HfArgumentParser):
         given: set[str] = set()
         config_file = _config_file(args or [])
         if config_file and self.dataclass_types:
-            values = read_config_file(config_file, self)
+            try:
+                values = read_config_file(config_file, self)
+            except ValueError as e:  # a missing file or a bad value is a usage error, as a flag's
+                raise UsageError(self.prog, str(e)) from None
             self.set_defaults(**values)
             given |= set(values)
         unset = object()

@@ -10,6 +10,7 @@ loss curve, forward/backward passes used and the peak memory of the training win
 """
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import torch
 from subspace_optim.checks import NONFINITE_POLICIES
+from subspace_optim.zeroth_order import MeZO, SubZero
 
 from .metrics import peak_memory_mb, reset_peak_memory
 
@@ -30,6 +32,11 @@ ESTIMATORS = ("two-sided", "one-sided")
 
 def _f(default, help: str, **kw):
     return field(default=default, metadata={"help": help, **kw})
+
+
+def _subzero_default(name: str):
+    """SubZero's own default for `name` (one source: the library's signature)."""
+    return inspect.signature(SubZero).parameters[name].default
 
 
 @dataclass
@@ -53,8 +60,15 @@ class FinetuneConfig:
     eps: float = _f(1e-3, "zeroth-order perturbation size")
     weight_decay: float = _f(0.0, "decoupled weight decay")
     momentum: float = _f(0.0, "zeroth-order momentum")
-    rank: int = _f(8, "SubZero's subspace rank")
-    update_proj_gap: int = _f(1000, "SubZero's steps between subspace refreshes")
+    rank: int = _f(_subzero_default("rank"), "SubZero's subspace rank")
+    update_proj_gap: int = _f(_subzero_default("update_proj_gap"),
+                              "SubZero's steps between subspace refreshes")
+    reshape_min_dim: int = _f(_subzero_default("reshape_min_dim"),
+                              "SubZero: a matrix whose smaller side is below this is reshaped to "
+                              "its most-square factorisation first (0: never)")
+    exact_restore: bool = _f(False, "MeZO/SubZero: copy the weights back bitwise after the two "
+                             "evaluations (one extra copy of the trainable weights) instead of "
+                             "subtracting the perturbation (exact to rounding)")
     estimator: str = _f("two-sided", "zeroth-order gradient estimator", choices=ESTIMATORS)
     nonfinite: str = _f("skip", "non-finite loss: 'error' aborts, 'skip' skips the step",
                         choices=NONFINITE_POLICIES)
@@ -128,16 +142,16 @@ def evaluate(scorer, examples, batch_size: int, task, progress: bool = False) ->
 
 
 def build_optimizer(cfg: FinetuneConfig, model):
-    from subspace_optim.zeroth_order import MeZO, SubZero
-
     lr = cfg.lr if cfg.lr is not None else DEFAULT_LR[cfg.optimizer]
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     common = dict(lr=lr, eps=cfg.eps, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
-                  seed=cfg.seed, estimator=cfg.estimator, nonfinite=cfg.nonfinite)
+                  seed=cfg.seed, estimator=cfg.estimator, nonfinite=cfg.nonfinite,
+                  exact_restore=cfg.exact_restore)
     if cfg.optimizer == "mezo":
         return MeZO(params, **common)
     if cfg.optimizer == "subzero":
-        return SubZero(params, rank=cfg.rank, update_proj_gap=cfg.update_proj_gap, **common)
+        return SubZero(params, rank=cfg.rank, update_proj_gap=cfg.update_proj_gap,
+                       reshape_min_dim=cfg.reshape_min_dim, **common)
     return torch.optim.AdamW([p for _, p in params], lr=lr, weight_decay=cfg.weight_decay)
 
 
@@ -178,17 +192,15 @@ def finetune(cfg: FinetuneConfig) -> dict:
     bar = tqdm(range(cfg.steps), desc=f"finetune {cfg.optimizer}", disable=not cfg.progress)
     for step in bar:
         idx = batch_indices(len(task.train), cfg.batch_size, cfg.seed, step)
-        # the zeroth-order optimizers keep no skip counter: a skipped step leaves theirs unchanged
-        counter = opt.param_groups[0]["step"] if zo else None
         loss = float(opt.step(make_closure(scorer, task, idx, None if zo else opt)))
-        if zo:
-            skipped += int(opt.param_groups[0]["step"] == counter)
-        elif not math.isfinite(loss):  # no gradient, so no update: the zeroth-order policy
+        if not zo and not math.isfinite(loss):  # no gradient, so no update: the zeroth-order policy
             if cfg.nonfinite == "error":
                 raise RuntimeError(f"non-finite loss {loss} at step {step}; no update was applied")
             skipped += 1
         losses.append(loss)
         bar.set_postfix(loss=f"{loss:.4f}")
+    if zo:  # the zeroth-order optimizers count their skips themselves
+        skipped = opt.skipped_steps
     train_seconds = time.perf_counter() - t0
     peak_mb = peak_memory_mb(device)
     after = evaluate(scorer, task.eval, cfg.eval_batch_size, task, cfg.progress)

@@ -1,5 +1,5 @@
-"""Bad input to `subspace pretrain`/`compare`: one clear line on stderr, exit code 2, no traceback,
-nothing lost; names are checked before any data is built."""
+"""Bad input to `subspace pretrain`/`compare`/`finetune`: one clear line on stderr, exit code 2, no
+traceback, nothing lost; names are checked before any data is built."""
 import errno
 import os
 import re
@@ -155,3 +155,18 @@ def test_optimizer_help_lists_the_names(capsys):
         main(["pretrain", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "--method STR, --optimizer STR optimizer: " + ", ".join(METHODS) in text
+
+
+@pytest.mark.parametrize("command", ["pretrain", "finetune", "compare"])
+@pytest.mark.parametrize("name,text,pattern", [
+    (None, None, r"--config \S+missing\.yaml: no such file"),
+    ("bad.json", '{"lr": "abc"}', r"--config \S+bad\.json: lr: cannot read 'abc' as float"),
+    ("bad.yaml", "nonfinite: ignore\n", r"nonfinite must be one of"),
+])
+def test_bad_config_file_is_a_usage_error(tmp_path, capsys, command, name, text, pattern):
+    path = tmp_path / (name or "missing.yaml")
+    if text is not None:
+        path.write_text(text)
+    line = _fails([command, "--config", str(path)], capsys)
+    assert line.startswith(f"subspace {command}: error: --config "), line
+    assert re.search(pattern, line), line

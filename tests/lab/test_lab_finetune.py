@@ -66,3 +66,42 @@ def test_finetune_reads_a_config_file(task_file, tmp_path, capsys):
     assert main(["finetune", "--optimizer", "sgd"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "invalid choice: 'sgd'" in err[0]
+
+
+@pytest.mark.parametrize("optimizer", ["mezo", "subzero"])
+def test_zeroth_order_skips_come_from_the_optimizers_counter(task_file, tmp_path, monkeypatch,
+                                                             optimizer):
+    from subspace_lab.pretrained import VerbalizerScorer
+    real, calls = VerbalizerScorer.loss, {"n": 0}
+
+    def nan_in_second_step(self, prompts, labels):  # two evaluations a step: call 3 is step 1's
+        calls["n"] += 1
+        return real(self, prompts, labels) * (float("nan") if calls["n"] == 3 else 1.0)
+    monkeypatch.setattr(VerbalizerScorer, "loss", nan_in_second_step)
+    built = []
+    monkeypatch.setattr(ft, "build_optimizer",
+                        lambda cfg, model, real=ft.build_optimizer: built.append(real(cfg, model))
+                        or built[-1])
+    result = ft.finetune(_cfg(task_file, tmp_path, optimizer=optimizer, nonfinite="skip"))
+    assert result["skipped_steps"] == built[0].skipped_steps == 1
+    assert built[0].param_groups[0]["step"] == 2  # 3 steps, one skipped
+
+
+def test_zeroth_order_options_reach_the_optimizer(task_file, tmp_path):
+    import inspect
+
+    from subspace_lab.args import LabArgumentParser
+    from subspace_optim.zeroth_order import SubZero
+    model = torch.nn.Sequential(torch.nn.Linear(4, 40))
+    defaults = ft.FinetuneConfig()
+    for name in ("rank", "update_proj_gap", "reshape_min_dim"):  # one source: the library
+        assert getattr(defaults, name) == inspect.signature(SubZero).parameters[name].default
+    assert defaults.exact_restore is False
+    parser = LabArgumentParser(ft.FinetuneConfig, prog="t")
+    cfg = parser.parse_into(ft.FinetuneConfig, ["--optimizer", "subzero", "--exact-restore", "true",
+                                                 "--reshape-min-dim", "0", "--rank", "3"])
+    opt = ft.build_optimizer(cfg, model)
+    assert opt.exact_restore is True
+    assert (opt.param_groups[0]["reshape_min_dim"], opt.param_groups[0]["rank"]) == (0, 3)
+    cfg = parser.parse_into(ft.FinetuneConfig, ["--optimizer", "mezo", "--exact-restore", "true"])
+    assert ft.build_optimizer(cfg, model).exact_restore is True

@@ -45,8 +45,8 @@ class ZerothOrderOptimizer(ExactStateMixin, Optimizer):
     Cost. Three regenerations of ``z`` per step (+eps, -2 eps, then the restore and the update share
     one draw; Algorithm 1 draws four times), each one pass over the trainable weights.
 
-    State. The seed and the step counter are plain ints in every param group (``seed``, ``step``),
-    so they travel in ``state_dict()`` and survive ``torch.load(weights_only=True)``; a later
+    State. The seed, the step counter and the count of skipped steps are plain ints in every param
+    group (``seed``, ``step``, ``skipped_steps``, as in :class:`SubspaceOptimizer`), so they travel in ``state_dict()`` and survive ``torch.load(weights_only=True)``; a later
     ``add_param_group`` starts its own counter at 0. Per-parameter state is empty for plain ZO-SGD,
     ``momentum_buffer`` with momentum, and SubZero's fp32 bases ``U``, ``V``.
 
@@ -67,7 +67,7 @@ class ZerothOrderOptimizer(ExactStateMixin, Optimizer):
         self.nonfinite = check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
         self.exact_restore = check_bool("exact_restore", exact_restore)
         self.all_reduce = check_bool("all_reduce", all_reduce)
-        super().__init__(params, dict(defaults, step=0))
+        super().__init__(params, dict(defaults, step=0, skipped_steps=0))
 
     # ----------------------------------------------------------------- validation and bookkeeping
     def add_param_group(self, param_group: dict) -> None:
@@ -91,6 +91,7 @@ class ZerothOrderOptimizer(ExactStateMixin, Optimizer):
         check_real("momentum", group["momentum"], 0.0, 1.0)
         check_int("seed", group["seed"], 0, 2**63 - 1)
         check_int("step", group["step"], 0)
+        check_int("skipped_steps", group["skipped_steps"], 0)
 
     def _prepare_loaded_state(self, state_dict: dict) -> dict:
         """Refuse, before anything is loaded, a state saved by another optimizer (a group without this
@@ -101,9 +102,12 @@ class ZerothOrderOptimizer(ExactStateMixin, Optimizer):
             raise ValueError(f"state_dict: it has {len(state_dict['param_groups'])} param groups, this "
                              f"optimizer {len(self.param_groups)}")
         name = type(self).__name__
-        known = set(self.defaults) | {"params", "param_names"}
+        # torch's own load_state_dict adds "differentiable" to `defaults` (and so to any group
+        # added later): neither required nor refused, or a second load would fail
+        required = set(self.defaults) - {"differentiable"}
+        known = required | {"params", "param_names", "differentiable"}
         for gi, saved in enumerate(state_dict["param_groups"]):
-            missing, unknown = sorted(set(self.defaults) - set(saved)), sorted(set(saved) - known)
+            missing, unknown = sorted(required - set(saved)), sorted(set(saved) - known)
             if missing or unknown:
                 raise ValueError(
                     f"state_dict: param group {gi} was not saved by {name} (missing keys {missing}, "
@@ -173,7 +177,8 @@ class ZerothOrderOptimizer(ExactStateMixin, Optimizer):
         The closure is called twice (at theta + eps z and theta - eps z; one-sided: at theta and
         theta + eps z) under ``torch.no_grad``; it must evaluate the same batch both times and must
         not call ``backward``. Returns the closure's first result. On a non-finite loss the weights
-        are restored (bitwise with ``exact_restore``, else to rounding error) and no state changes.
+        are restored (bitwise with ``exact_restore``, else to rounding error) and no state changes
+        but the count of skipped steps (``nonfinite='skip'``).
         """
         name = type(self).__name__
         if closure is None:
@@ -240,6 +245,8 @@ class ZerothOrderOptimizer(ExactStateMixin, Optimizer):
                     f"{name}: non-finite loss at step {entries[0][0]['step']} (l+ = {losses[0]}, "
                     f"l- = {losses[1]}); weights were restored and no update was made. Use "
                     "nonfinite='skip' to skip such steps instead")
+            for group in self.param_groups:
+                group["skipped_steps"] += 1
             return first
         if backup is not None:
             restore()  # exact mode: copy the saved weights back (bitwise), then update
@@ -255,6 +262,12 @@ class ZerothOrderOptimizer(ExactStateMixin, Optimizer):
         for group in self.param_groups:
             group["step"] += 1
         return first
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped by ``nonfinite="skip"`` (a non-finite loss); the step counter does not
+        advance on them."""
+        return self.param_groups[0]["skipped_steps"] if self.param_groups else 0
 
     def _update(self, group: dict, p: torch.Tensor, key: str, projected_grad: float,
                 z: torch.Tensor | None = None) -> None:

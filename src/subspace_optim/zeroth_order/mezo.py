@@ -33,8 +33,8 @@ class MeZO(ZerothOrderOptimizer):
     5. ``g = (l+ - l-) / (2 eps)``, one scalar for the whole model (one-sided: evaluate at theta and
        theta + eps z, ``g = (l+ - l0) / eps``). With ``all_reduce=True`` the two losses are averaged
        over the data-parallel ranks first, so every rank applies the same update.
-    6. If ``g`` is not finite: raise (``nonfinite='error'``) or return (``'skip'``); the weights are
-       restored, the counter and all state are unchanged.
+    6. If ``g`` is not finite: raise (``nonfinite='error'``) or return (``'skip'``, counted in
+       ``skipped_steps``); the weights are restored, the counter and all state are unchanged.
     7. Update each parameter: ``p <- (1 - lr wd) p`` for parameters with 2 or more dimensions
        (biases and norm weights get no decay, as in MeZO's code), then ``p <- p - lr g z``
        (with momentum: ``buf <- momentum buf + g z``; ``p <- p - lr buf``). ``t <- t + 1``.

@@ -43,8 +43,8 @@ class SubZero(ZerothOrderOptimizer):
     3. Perturb +eps z, ``l+ = closure()``, -2 eps z, ``l- = closure()``, +eps z (restore), in
        param-group then registration order, z regenerated from its seed each time.
     4. ``g = (l+ - l-) / (2 eps)`` (or one-sided), averaged across ranks with ``all_reduce``;
-       a non-finite ``g`` raises or skips (policy ``nonfinite``) with weights restored and state
-       unchanged, including a refresh made in step 1.
+       a non-finite ``g`` raises or skips (policy ``nonfinite``; ``skipped_steps`` counts skips)
+       with weights restored and state unchanged, including a refresh made in step 1.
     5. Update: decoupled weight decay on >= 2-D parameters, then ``p <- p - lr g z`` (with
        momentum, heavy ball on ``g z``). ``t <- t + 1``.
 
