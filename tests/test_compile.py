@@ -74,9 +74,9 @@ def _groups(model):
              "update_proj_gap": 3}]
 
 
-def _pair(cls, kwargs, nonfinite="skip"):
+def _pair(cls, kwargs, nonfinite="skip", foreach=False):
     models = [SpectralProblem(), SpectralProblem()]
-    opts = [cls(_groups(m), lr=1e-2, nonfinite=nonfinite, **kwargs) for m in models]
+    opts = [cls(_groups(m), lr=1e-2, nonfinite=nonfinite, foreach=foreach, **kwargs) for m in models]
     return models, opts
 
 
@@ -104,10 +104,13 @@ def _assert_close_states(a, b):
             assert va == vb
 
 
+# foreach=True: the grouped path (grouped.py), which foreach=None takes for CUDA tensors, i.e. the
+# default compiled GPU step
+@pytest.mark.parametrize("foreach", [False, True], ids=["per_tensor", "grouped"])
 @pytest.mark.parametrize("name", list(PRESETS))
-def test_compiled_step_matches_eager_across_refreshes(name):
+def test_compiled_step_matches_eager_across_refreshes(name, foreach):
     cls, kwargs, backend = PRESETS[name]
-    (m_eager, m_comp), (o_eager, o_comp) = _pair(cls, kwargs)
+    (m_eager, m_comp), (o_eager, o_comp) = _pair(cls, kwargs, foreach=foreach)
     data = range(8)  # refreshes at steps 0, 3 and 6
     _run(m_eager, o_eager.step, o_eager, data)
     _run(m_comp, torch.compile(o_comp.step, backend=backend), o_comp, data)
@@ -117,19 +120,21 @@ def test_compiled_step_matches_eager_across_refreshes(name):
         _assert_close_states(o_eager.state[p], o_comp.state[q])
 
 
-def _ordinary_step_explanation(cls, kwargs, nonfinite):
+def _ordinary_step_explanation(cls, kwargs, nonfinite, foreach=False):
     model, opt = TinyNet(), None
-    opt = cls(groups_for(model, rank=2, update_proj_gap=3), lr=1e-2, nonfinite=nonfinite, **kwargs)
+    opt = cls(groups_for(model, rank=2, update_proj_gap=3), lr=1e-2, nonfinite=nonfinite, foreach=foreach,
+              **kwargs)
     _run(model, opt.step, opt, batches(1))  # the first step (a refresh) eagerly
     opt.zero_grad()
     loss_of(model, batches(2)[1]).backward()
     return torch._dynamo.explain(opt.step)()
 
 
+@pytest.mark.parametrize("foreach", [False, True], ids=["per_tensor", "grouped"])
 @pytest.mark.parametrize("name", ["galore", "i3s", "random_reset", "galore_lion"])
-def test_ordinary_steps_have_no_graph_break(name):
+def test_ordinary_steps_have_no_graph_break(name, foreach):
     cls, kwargs, _ = PRESETS[name]
-    explanation = _ordinary_step_explanation(cls, kwargs, nonfinite="skip")
+    explanation = _ordinary_step_explanation(cls, kwargs, nonfinite="skip", foreach=foreach)
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
 

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import torch
 
+from .dtypes import state_dtype
 from .functional import left_form, project
-from .optimizer import state_dtype
 from .state_storage import compute_dtype, decoded
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .functional import apply_update, back_project
+from .functional import apply_update, back_project, lion_sign
 
 BLOCK_BYTES = 1 << 24
 
@@ -26,7 +26,7 @@ def back_project_and_apply(param: torch.Tensor, basis: torch.Tensor, direction: 
     a two-sided projection's ``right`` basis (l, r) (see ``functional.back_project`` for the layouts)."""
     if param.dtype == torch.float32 or block_bytes is None or not param.is_contiguous():
         update = back_project(basis, direction, left, right)
-        apply_update(param, update.sign() if sign else update, None, step_size, lr, weight_decay,
+        apply_update(param, lion_sign(update, sign), None, step_size, lr, weight_decay,
                      decay_after_update)
         return
     rows = max(1, block_bytes // (4 * max(param.shape[1], 1)))
@@ -36,5 +36,5 @@ def back_project_and_apply(param: torch.Tensor, basis: torch.Tensor, direction: 
             part = basis[i:j] @ direction @ right.T  # rows i:j of P N Q^T
         else:
             part = basis[i:j] @ direction if left else direction[:, i:j].T @ basis.T  # rows i:j of P N
-        apply_update(param[i:j], part.sign() if sign else part, None, step_size, lr, weight_decay,
+        apply_update(param[i:j], lion_sign(part, sign), None, step_size, lr, weight_decay,
                      decay_after_update)

@@ -12,6 +12,14 @@ from __future__ import annotations
 import torch
 
 
+def step_number(step: torch.Tensor):
+    """A ``step`` count tensor as the number the bias corrections take: eagerly a Python float
+    (torch.optim's arithmetic, bit for bit); under ``torch.compile`` the tensor itself, as torch.optim
+    keeps it (``.item()`` would break the graph), in float64 so that the corrections round as they
+    do from the eager float."""
+    return step.to(torch.float64) if torch.compiler.is_compiling() else step.item()
+
+
 def left_form(matrix: torch.Tensor, left: bool) -> torch.Tensor:
     """``matrix`` (m, n) as (k, l): itself for a left projection, its transpose (a view) otherwise."""
     return matrix if left else matrix.T
@@ -32,6 +40,14 @@ def back_project(basis: torch.Tensor, direction: torch.Tensor, left: bool,
     if right is not None:
         return basis @ direction @ right.T
     return basis @ direction if left else direction.T @ basis.T
+
+
+def lion_sign(update: torch.Tensor, sign: bool) -> torch.Tensor:
+    """The update as applied: Lion's ``sign(update)`` when ``sign`` (the inner rule's
+    ``sign_after_backprojection``), taken on the back-projected, full-space update (in a subspace
+    after back-projection, as Online Subspace Descent's GaLore-Lion does; on a dense weight on the
+    direction itself), else ``update`` unchanged. Element-wise, so a block of rows may take it alone."""
+    return update.sign() if sign else update
 
 
 def apply_update(param: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor | None,

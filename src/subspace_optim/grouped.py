@@ -5,15 +5,17 @@ are stepped together: one batched matmul projects all their gradients, the inner
 ``torch._foreach_*`` ops over their moments, one batched matmul back-projects; the same arithmetic
 as the per-tensor reference (``SubspaceOptimizer._projected_step``), with fewer, larger kernels (what
 GPUs want; on CPU torch's foreach ops loop over tensors). Refresh steps, error feedback, sharded
-weights and inner rules without a foreach form take the per-tensor path. Matched against it in
-tests (batched and single matmuls may round differently: a relative tolerance, not bitwise).
+weights and inner rules without a foreach form (``InnerRule.foreach``) take the per-tensor path.
+Matched against it in tests (batched and single matmuls may round differently: a relative
+tolerance, not bitwise). The rules' foreach forms are the functions below, which ``inner.py`` wires
+to its rules.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .functional import apply_update, left_form
+from .functional import apply_update, left_form, step_number
 
 
 def adam_directions_foreach(grads, exp_avgs, exp_avg_sqs, beta1: float, beta2: float, eps: float,
@@ -39,23 +41,12 @@ def sgd_directions_foreach(grads, buffers, momentum: float):
     return list(buffers), [1.0] * len(buffers)
 
 
-def _directions(inner, reduced, states, group, steps):
-    if inner.name == "adam":
-        beta1, beta2 = group["betas"]
-        return adam_directions_foreach(reduced, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-                                       beta1, beta2, group["eps"], steps, group["correct_bias"])
-    return sgd_directions_foreach(reduced, [s["momentum_buffer"] for s in states], group["momentum"])
-
-
-FOREACH_RULES = ("adam", "sgd")
-
-
 def dense_grouped_step(group: dict, params: list[torch.Tensor], states: list[dict]) -> None:
     """``torch.optim.AdamW``'s foreach step for a group's dense parameters (inner rule ``adam``)."""
     steps = []
     for state in states:
         state["step"] += 1
-        steps.append(state["step"].item())
+        steps.append(step_number(state["step"]))
     beta1, beta2 = group["betas"]
     lr, wd = group["lr"], group["weight_decay"]
     exp_avgs, exp_avg_sqs = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
@@ -71,7 +62,14 @@ def dense_grouped_step(group: dict, params: list[torch.Tensor], states: list[dic
     torch._foreach_add_(denoms, group["eps"])
     if wd != 0:
         torch._foreach_mul_(params, 1 - lr * wd)
-    torch._foreach_addcdiv_(params, exp_avgs, denoms, sizes)
+    if sizes and isinstance(sizes[0], torch.Tensor):
+        # compiled: 0-dim tensor step sizes, which _foreach_addcdiv_ takes only as a CPU tensor of
+        # scalars (not under fake tensors); multiply explicitly, as apply_update does
+        ratios = torch._foreach_div(exp_avgs, denoms)
+        torch._foreach_mul_(ratios, sizes)
+        torch._foreach_add_(params, ratios)
+    else:
+        torch._foreach_addcdiv_(params, exp_avgs, denoms, sizes)
 
 
 def bucket_key(group_index: int, p: torch.Tensor, state: dict) -> tuple:
@@ -88,8 +86,8 @@ def grouped_step(group: dict, params: list[torch.Tensor], states: list[dict], in
     for state in states:
         state["step"] += 1
         state["inner_step"] += 1
-    ratios, corrections = _directions(inner, list(reduced.unbind(0)), states, group,
-                                      [s["inner_step"] for s in states])
+    ratios, corrections = inner.directions_foreach(list(reduced.unbind(0)), states, group,
+                                                   [s["inner_step"] for s in states])
     directions = torch.stack(ratios).to(torch.float32)  # (B, r, l)
     if left:
         updates = torch.bmm(bases, directions)  # (B, k, l)

@@ -23,6 +23,10 @@ Rules (group key ``inner``), all with decoupled weight decay applied by the opti
   in [0, 1) (default 0.9). A buffer is kept even with ``momentum=0`` so that the state layout does
   not depend on a runtime value. Deviation from ``torch.optim.SGD``: weight decay is decoupled.
 
+A rule with a foreach form (``foreach``: Adam, SGD) also runs over lists of same-shaped tensors,
+which the grouped path of ordinary projected steps uses (``grouped.py``); ``foreach_dense``: it has a
+grouped step for dense parameters too (Adam: ``torch.optim.AdamW``'s foreach step, bit for bit).
+
 Besides the direction, each rule tells the subspace machinery how to read its state:
 ``first_moments`` / ``second_moments`` (rotated by transitions), ``momentum_estimate`` (the momentum
 in gradient units, used by LDAdam's power selector) and ``feedback_coefficient`` (the weight of the
@@ -37,6 +41,7 @@ import torch
 
 from .checks import check_bool, check_real
 from .components import Component, Registry
+from .grouped import adam_directions_foreach, dense_grouped_step, sgd_directions_foreach
 
 
 @dataclass(frozen=True)
@@ -118,12 +123,16 @@ class InnerRule(Component):
         first_moments, second_moments: state keys holding first / second moments (transitions
             rotate or reset them).
         sign_after_backprojection: the update is the sign of the back-projected direction (Lion).
+        foreach: :meth:`directions_foreach` exists (the grouped path of projected weights).
+        foreach_dense: :meth:`dense_step_foreach` exists (the grouped path of dense parameters).
     """
 
     first_moments: tuple[str, ...] = ()
     second_moments: tuple[str, ...] = ()
     sign_after_backprojection = False
     decay_after_update = False  # weight decay after the update (transformers' AdamW), not before
+    foreach = False
+    foreach_dense = False
 
     @property
     def state_keys(self) -> tuple[str, ...]:
@@ -135,6 +144,15 @@ class InnerRule(Component):
             state[key] = torch.zeros_like(template, memory_format=torch.preserve_format)
 
     def direction(self, grad: torch.Tensor, state: dict, group: dict, step) -> Direction:
+        raise NotImplementedError
+
+    def directions_foreach(self, grads: list, states: list[dict], group: dict, steps: list) -> tuple[list, list]:
+        """:meth:`direction` over lists of same-shaped tensors with ``torch._foreach_*`` ops:
+        ``(ratios, bias_corrections)``, each ratio ``numerator / denominator``; rules with ``foreach``."""
+        raise NotImplementedError
+
+    def dense_step_foreach(self, group: dict, params: list, states: list[dict]) -> None:
+        """One ordinary step of a group's dense parameters, all at once; rules with ``foreach_dense``."""
         raise NotImplementedError
 
     def momentum_estimate(self, state: dict, group: dict, steps_done: int) -> torch.Tensor | None:
@@ -162,6 +180,17 @@ class Adam(InnerRule):
         return adam_direction(grad, state["exp_avg"], state["exp_avg_sq"], beta1, beta2, group["eps"],
                               step, group["correct_bias"])
 
+    foreach = True
+    foreach_dense = True
+
+    def directions_foreach(self, grads, states, group, steps):
+        beta1, beta2 = group["betas"]
+        return adam_directions_foreach(grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+                                       beta1, beta2, group["eps"], steps, group["correct_bias"])
+
+    def dense_step_foreach(self, group, params, states):
+        dense_grouped_step(group, params, states)
+
     def momentum_estimate(self, state, group, steps_done):
         """Bias-corrected first moment ``m / (1 - beta1^k)`` after ``k`` steps."""
         if steps_done == 0:
@@ -182,6 +211,7 @@ class AdamWHF(Adam):
     name = "adamw_hf"
     defaults: dict = {}  # shares Adam's correct_bias
     decay_after_update = True
+    foreach = foreach_dense = False  # other arithmetic than Adam's foreach forms: per tensor only
 
     def direction(self, grad, state, group, step) -> Direction:
         beta1, beta2 = group["betas"]
@@ -223,8 +253,13 @@ class SGDMomentum(InnerRule):
     def validate(self, group: dict) -> None:
         check_real("momentum", group["momentum"], 0.0, 1.0)
 
+    foreach = True
+
     def direction(self, grad, state, group, step) -> Direction:
         return sgd_momentum_direction(grad, state["momentum_buffer"], group["momentum"])
+
+    def directions_foreach(self, grads, states, group, steps):
+        return sgd_directions_foreach(grads, [s["momentum_buffer"] for s in states], group["momentum"])
 
     def momentum_estimate(self, state, group, steps_done):
         """The buffer as a weighted mean of past gradients: ``b (1 - mu) / (1 - mu^k)``."""

@@ -14,30 +14,25 @@ import warnings
 import torch
 from torch.optim import Optimizer
 
-from . import error_feedback
+from .dtypes import scalar_dtype, state_dtype
 from .error_feedback import FEEDBACK_STAGES
-from .exact_state import ExactStateMixin
-from .functional import apply_update, left_form, project
+from .functional import apply_update, left_form, lion_sign, project, step_number
 from .inner import INNER_RULES
-from .grouped import FOREACH_RULES, bucket_key, dense_grouped_step, grouped_step
+from .grouped import bucket_key, grouped_step
 from .sharding import is_dtensor, local, shards_of
 from .nonfinite import PendingSkips, all_or_nothing, first_nonfinite
-from .selectors import SELECTORS, SelectionContext
+from .param_groups import IGNORED_GALORE_ARGS, ParamGroupsMixin
+from .persistence import PersistenceMixin
 from .randomized import RANDOMIZED_DEFAULTS
-from .sides import projects_left, two_sided
-from .state_checks import prepare_loaded_state
+from .refresh_stage import RefreshMixin
+from .selectors import SELECTORS
+from .sides import two_sided
 from .state_storage import STORAGE, compresses_dense, compute_dtype, decoded, dense_update
 from .blocked_update import back_project_and_apply
 from .transitions import TRANSITIONS
-from .validation import side_from_proj_type, validate_group, validate_nonfinite
+from .validation import validate_nonfinite
 
-GALORE_KEYS = ("rank", "update_proj_gap", "scale", "proj_type")
-# galore-torch's AdamW arguments that mean nothing here (its deprecation notice), accepted so that a
-# galore-torch call works unchanged
-IGNORED_GALORE_ARGS = ("no_deprecation_warning",)
-# State that torch's load_state_dict would cast to the parameter dtype (it spares only "step"):
-# kept at its saved dtype instead. Components add their own through ``exact_state_keys``.
-BASE_EXACT_STATE_KEYS = ("step", "projector", "projector_right")
+__all__ = ["SubspaceOptimizer", "component_defaults", "state_dtype"]
 
 
 def component_defaults() -> dict:
@@ -50,19 +45,7 @@ def _use_foreach(group: dict, p: torch.Tensor) -> bool:
     return p.is_cuda if group["foreach"] is None else group["foreach"]
 
 
-def state_dtype(param: torch.Tensor) -> torch.dtype:
-    """The dtype of a projected parameter's inner state: the parameter's, except fp16, whose range
-    a projected gradient (a sum over a whole dimension) overflows: fp32 there, as amp keeps
-    fp16 models' optimizer state."""
-    return torch.float32 if param.dtype == torch.float16 else param.dtype
-
-
-def _scalar_dtype() -> torch.dtype:
-    # torch.optim's choice for the "step" tensor, so that the dense path matches AdamW exactly.
-    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
-
-
-class SubspaceOptimizer(ExactStateMixin, Optimizer):
+class SubspaceOptimizer(ParamGroupsMixin, PersistenceMixin, RefreshMixin, Optimizer):
     """AdamW whose 2-D weights train in a low-rank subspace of their gradient.
 
     Per step, for every parameter with a gradient:
@@ -81,10 +64,11 @@ class SubspaceOptimizer(ExactStateMixin, Optimizer):
        fp32 basis ``P`` (k, r); the transition updates the inner state for the change of basis and
        the overlap ``||P_old^T P_new||_F^2 / r`` is recorded.
     5. ``R = P^T G`` (r, l) in fp32, cast to the state dtype (the parameter's; fp32 for fp16
-       parameters); the inner rule turns ``R`` into a direction ``N``; the update ``U = scale * P N`` (Lion: ``sign(P N)``, no scale) is transposed
-       back for right projections. With ``error_feedback``, ``G`` is ``G + xi`` from step 4 on and
-       ``xi`` becomes what the projection and the transition lost (``error_feedback.py``).
-    6. ``W <- (1 - lr * weight_decay) * W - lr * U``.
+       parameters); the inner rule turns ``R`` into a direction ``N``; the update
+       ``U = scale * P N`` (Lion: ``sign(P N)``, no scale) is transposed back for right projections.
+       With ``error_feedback``, ``G`` is ``G + xi`` from step 4 on and ``xi`` becomes what the
+       projection and the transition lost (``error_feedback.py``).
+    6. ``W <- (1 - lr * weight_decay) * W - lr * U`` (``adamw_hf``: the decay after the update).
 
     Args:
         params: an iterable of tensors, of ``(name, tensor)`` pairs, or of param-group dicts. A group
@@ -102,15 +86,17 @@ class SubspaceOptimizer(ExactStateMixin, Optimizer):
             evenly over the gap instead of all falling on one step. Off in the presets: the papers
             refresh every weight together.
         scale (float, 1.0): multiplier of the projected update, > 0 (GaLore's alpha).
-        side (str, "galore"): one of ``sides.SIDES``; galore-torch's ``proj_type`` key is accepted
-            in groups (``std``, ``reverse_std``, ``left``, ``right``, ``full``). ``full`` projects
+        side (str, "galore"): ``galore``, ``ldadam``, ``min_state``, ``left``, ``right`` or ``full``
+            (``sides.py``); galore-torch's ``proj_type`` key is accepted in groups (``std``,
+            ``reverse_std``, ``left``, ``right``, ``full``). ``full`` projects
             both sides (state (r, r)) and takes the refresh-window selectors (``dominant``,
             ``importance``, ``random``, ``coordinate``), ``keep`` or ``reset``, no error feedback.
         selector (str, "dominant"): ``dominant``, ``importance``, ``random``, ``coordinate``,
             ``online_pca`` (OSD) or ``power`` (LDAdam); the last two move every step.
         transition (str, "keep"): ``keep``, ``reset`` or ``rotate`` (LDAdam's projection-aware
             state transfer, for any selector).
-        inner (str, "adam"): ``adam``, ``lion`` (uses ``betas``) or ``sgd``; see ``inner.py``.
+        inner (str, "adam"): ``adam``, ``adamw_hf`` (transformers' / galore-torch's AdamW arithmetic),
+            ``lion`` (uses ``betas``) or ``sgd``; see ``inner.py``.
         seed (int, 0): seeds the counter-based generators of random selectors, >= 0.
         error_feedback (bool, False): keep what the projection loses in an fp32 buffer in the state
             and add it to the next gradient (``error_feedback.py``).
@@ -129,8 +115,9 @@ class SubspaceOptimizer(ExactStateMixin, Optimizer):
             matmuls over same-shaped weights and foreach inner updates; None means on for CUDA
             tensors, as torch.optim's default.
         **component_options: the options of the components, each documented and validated by its
-            component: ``momentum`` (``inner="sgd"``, 0.9), ``correct_bias`` (``inner="adam"``,
-            True), ``rho`` (``selector="power"``, 0.908), ``osd_variant``, ``osd_alpha``,
+            component: ``momentum`` (``inner="sgd"``, 0.9), ``correct_bias`` (``inner="adam"`` and
+            ``"adamw_hf"``, True), ``importance_pool`` (``selector="importance"``, None), ``rho``
+            (``selector="power"``, 0.908), ``osd_variant``, ``osd_alpha``,
             ``osd_p_optimizer``, ``osd_orthonormalize`` (``selector="online_pca"``), ``state_bits``
             (8, 16 or 32) and ``projector_bits`` (16 or 32) (``state_storage.py``); and those of any
             component registered later. galore-torch's ``no_deprecation_warning`` is accepted and
@@ -203,113 +190,6 @@ class SubspaceOptimizer(ExactStateMixin, Optimizer):
                 stacklevel=2,
             )
 
-    # ----------------------------------------------------------------- groups and state handling
-    def add_param_group(self, param_group: dict) -> None:
-        if not isinstance(param_group, dict):
-            raise TypeError(f"param_group: expected a dict, got {type(param_group).__name__}")
-        group = dict(param_group)
-        if "proj_type" in group:
-            group.setdefault("side", side_from_proj_type(group.pop("proj_type")))
-        if "subspace" not in group:
-            explicit = any(key in group for key in GALORE_KEYS)
-            group["subspace"] = explicit or bool(getattr(self, "_default_subspace", None))
-        for key in IGNORED_GALORE_ARGS:
-            group.pop(key, None)
-        super().add_param_group(group)
-        added = self.param_groups[-1]
-        try:
-            validate_group(added)
-            if (added["state_bits"] < 32 or added["projector_bits"] < 32) and any(map(is_dtensor, added["params"])):
-                raise ValueError("state_bits/projector_bits: compressed state is not supported for DTensor "
-                                 "(FSDP2-sharded) parameters yet; use 32")
-            if added["subspace"]:
-                names = added.get("param_names")
-                for i, p in enumerate(added["params"]):
-                    if p.dim() > 2:
-                        name = names[i] if names else f"#{i}"
-                        raise ValueError(
-                            f"params: subspace groups take 1-D and 2-D tensors; parameter {name} has "
-                            f"shape {tuple(p.shape)}; put it in a dense group (subspace=False)"
-                        )
-        except ValueError:
-            self.param_groups.pop()
-            raise
-        if getattr(self, "_constructed", False):  # during construction __init__ warns, pointing at its caller
-            self._warn_full_rank(added)
-
-    def _warn_full_rank(self, group: dict) -> None:
-        """Once per optimizer: a rank at or above a weight's projected dimension makes its subspace
-        the whole space, i.e. plain AdamW at ``scale`` times the learning rate, which is rarely meant."""
-        if not group["subspace"] or self._warned_full_rank:
-            return
-        full = [tuple(p.shape) for p in group["params"] if p.dim() == 2 and p.numel() > 0
-                and group["rank"] >= self._layout(group, p)[2]]
-        if full:
-            self._warned_full_rank = True
-            warnings.warn(
-                f"{type(self).__name__}: rank {group['rank']} is at or above the projected dimension of "
-                f"{len(full)} weight(s) (e.g. shape {full[0]}), which therefore train full-rank (the "
-                "subspace is the whole space); lower the rank to compress them",
-                stacklevel=3,  # the caller of __init__ / add_param_group
-            )
-
-    @staticmethod
-    def _layout(group: dict, p: torch.Tensor) -> tuple[bool, int, int]:
-        """``(left, rank, k)``: the projected side by the side rule, the rank clipped to the projected
-        dimension ``k``."""
-        m, n = p.shape
-        left = projects_left(group["side"], m, n)
-        k = m if left else n
-        if two_sided(group["side"]):
-            return left, min(group["rank"], m, n), min(m, n)
-        return left, min(group["rank"], k), k
-
-    def __getstate__(self) -> dict:
-        # torch's pickles only defaults, state and param_groups; keep the per-optimizer settings too.
-        self._fold_pending_skips()
-        return {**super().__getstate__(), "nonfinite": self.nonfinite, "_default_subspace": self._default_subspace,
-                "_warned_full_rank": self._warned_full_rank, "_pending_skips": PendingSkips()}
-
-    def __setstate__(self, state: dict) -> None:
-        state.setdefault("nonfinite", "error")
-        state.setdefault("_default_subspace", None)
-        state.setdefault("_warned_full_rank", False)
-        state.setdefault("_pending_skips", PendingSkips())
-        state.setdefault("communication", {})
-        super().__setstate__(state)
-        self.register_state_dict_pre_hook(SubspaceOptimizer._fold_pending_skips)
-        for group in self.param_groups:  # dicts saved by older versions lack newer keys
-            group.setdefault("subspace", False)
-            for key, value in self.defaults.items():
-                group.setdefault(key, value)
-
-    def load_state_dict(self, state_dict: dict, *, allow_method_change: bool = False) -> None:
-        """torch's ``load_state_dict``, after checking everything it would load (``state_checks.py``):
-        bad values or missing, misshapen or non-finite state raise ``ValueError`` and change nothing.
-        Loading a state saved with another method (selector, transition, inner rule, error feedback,
-        side, rank, projection on or off) needs ``allow_method_change=True``."""
-        self._allow_method_change = allow_method_change
-        try:
-            super().load_state_dict(state_dict)
-        finally:
-            del self._allow_method_change
-
-    def _prepare_loaded_state(self, state_dict: dict) -> dict:
-        return prepare_loaded_state(self, state_dict, getattr(self, "_allow_method_change", False))
-
-    def _moment_dtype(self, group: dict, p: torch.Tensor) -> torch.dtype:
-        """The dtype this optimizer keeps ``p``'s (uncompressed) moments in."""
-        return compute_dtype(group, state_dtype(p)) if self._is_projected(group, p) else p.dtype
-
-    def _exact_state_keys(self) -> set[str]:
-        """``step``, fp32 projectors, error buffers, the inner rules' moments (given their dtype by
-        ``state_checks``) and the components' own fp32/integer state."""
-        keys = set(BASE_EXACT_STATE_KEYS) | set(error_feedback.EXACT_STATE_KEYS)
-        keys |= {key for rule in INNER_RULES.values() for key in rule.state_keys}
-        for registry in (SELECTORS, TRANSITIONS, INNER_RULES, STORAGE):
-            keys |= registry.exact_state_keys()
-        return keys
-
     def step_in_backward(self, **options):
         """Update each parameter inside backward, as soon as its gradient is complete, and free the
         gradient; returns a handle whose ``remove()`` returns to ordinary ``step()``. Options
@@ -317,19 +197,6 @@ class SubspaceOptimizer(ExactStateMixin, Optimizer):
         from .in_backward import InBackward
 
         return InBackward(self, **options)
-
-    @property
-    def skipped_steps(self) -> int:
-        """Steps skipped by ``nonfinite="skip"``."""
-        self._fold_pending_skips()
-        return self.param_groups[0]["skipped_steps"] if self.param_groups else 0
-
-    def _fold_pending_skips(self, *_) -> None:
-        """Add the skips counted on the device by compiled steps (``nonfinite.py``) to the groups."""
-        pending = self._pending_skips.take()
-        if pending:
-            for group in self.param_groups:
-                group["skipped_steps"] += pending
 
     # ------------------------------------------------------------------------------------ step
     @torch.no_grad()
@@ -368,38 +235,26 @@ class SubspaceOptimizer(ExactStateMixin, Optimizer):
                 if self._groupable(group, p, state):
                     buckets.setdefault(bucket_key(id(group), p, state), []).append((group, p))
                     continue
-            elif (state and _use_foreach(group, p) and group["inner"] == "adam" and not is_dtensor(p)
-                  and not compresses_dense(group, p)):
+            elif (state and _use_foreach(group, p) and INNER_RULES.lookup(group["inner"]).foreach_dense
+                  and not is_dtensor(p) and not compresses_dense(group, p)):
                 buckets.setdefault(("dense", id(group), p.device), []).append((group, p))
                 continue
             self._update_parameter(group, key, p)
         for key, members in buckets.items():
             group, params = members[0][0], [p for _, p in members]
             states = [self.state[p] for p in params]
+            inner = INNER_RULES.lookup(group["inner"])
             if key[0] == "dense":
-                dense_grouped_step(group, params, states)
+                inner.dense_step_foreach(group, params, states)
             else:
-                grouped_step(group, params, states, INNER_RULES.lookup(group["inner"]), state_dtype(params[0]))
+                grouped_step(group, params, states, inner, state_dtype(params[0]))
 
     def _groupable(self, group: dict, p: torch.Tensor, state: dict | None) -> bool:
         """An ordinary step the grouped path can take (``grouped.py``)."""
-        return (bool(state) and _use_foreach(group, p) and group["inner"] in FOREACH_RULES
+        return (bool(state) and _use_foreach(group, p) and INNER_RULES.lookup(group["inner"]).foreach
                 and not group["error_feedback"] and not two_sided(group["side"]) and not is_dtensor(p)
                 and group["state_bits"] == 32 and group["projector_bits"] == 32
                 and not self._refresh_due(group, state))
-
-    def _any_refresh_due(self, work) -> bool:
-        return any(self._is_projected(group, p) and self._refresh_due(group, self.state.get(p))
-                   for group, _, p in work)
-
-    def _refresh_due(self, group: dict, state: dict | None) -> bool:
-        """A first step, an every-step selector, or the weight's step count (minus its phase) at a
-        multiple of ``update_proj_gap``; plain ints only, so no host sync."""
-        if not state or "projector" not in state:
-            return True
-        if SELECTORS.lookup(group["selector"]).every_step:
-            return True
-        return (state["step"] - state["refresh_phase"]) % group["update_proj_gap"] == 0
 
     def _update_parameter(self, group: dict, key: str, p: torch.Tensor) -> None:
         """One parameter's update from its gradient, after the checks: the unit that ``step`` runs
@@ -412,56 +267,15 @@ class SubspaceOptimizer(ExactStateMixin, Optimizer):
         else:
             self._dense_update(group, p)
 
-    @staticmethod
-    def _is_projected(group: dict, p: torch.Tensor) -> bool:
-        return group["subspace"] and p.dim() == 2 and p.numel() > 0
-
-    def _collect_work(self) -> list[tuple[dict, str, torch.Tensor]]:
-        """``(group, key, param)`` for every parameter with a gradient, after the checks that must
-        pass before anything is modified (so a failing step changes nothing)."""
-        work = []
-        for group, key, p in self._keyed_params():
-            if p.grad is None:
-                continue
-            self._check_gradient(group, key, p)
-            work.append((group, key, p))
-        return work
-
-    def _keyed_params(self):
-        """``(group, key, param)`` for every parameter: its name, or ``"group.index"``."""
-        for gi, group in enumerate(self.param_groups):
-            names = group.get("param_names")
-            for pi, p in enumerate(group["params"]):
-                yield group, (names[pi] if names else f"{gi}.{pi}"), p
-
-    def _check_gradient(self, group: dict, key: str, p: torch.Tensor) -> None:
-        """The checks that must pass before a parameter with a gradient is modified."""
-        if p.grad.is_sparse:
-            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients ({key})")
-        if torch.is_complex(p) or torch.is_complex(p.grad):
-            raise RuntimeError(f"{type(self).__name__} does not support complex parameters ({key})")
-        state = self.state.get(p)
-        if state and self._is_projected(group, p):
-            left, rank, _ = self._layout(group, p)
-            if state["project_left"] != left or state["projector"].shape[1] != rank:
-                raise ValueError(
-                    f"rank/side: parameter {key} was set up with a rank-{state['projector'].shape[1]} "
-                    f"{'left' if state['project_left'] else 'right'} projection; these cannot "
-                    "change mid-run")
-
     def _dense_update(self, group: dict, p: torch.Tensor) -> None:
         inner = INNER_RULES.lookup(group["inner"])
         state = self.state[p]
         if not state:
-            state["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
+            state["step"] = torch.tensor(0.0, dtype=scalar_dtype())
             inner.init_state(state, p)
         state["step"] += 1
-        # torch.compile keeps the step a tensor (as torch.optim does): .item() would break the graph;
-        # float64, as the eager Python float, so that bias corrections round alike
-        step = state["step"].to(torch.float64) if torch.compiler.is_compiling() else state["step"].item()
-        d = inner.direction(p.grad, state, group, step)
-        # back-projection is the identity here, so Lion's sign is taken on the direction itself
-        numerator = d.numerator.sign() if inner.sign_after_backprojection else d.numerator
+        d = inner.direction(p.grad, state, group, step_number(state["step"]))
+        numerator = lion_sign(d.numerator, inner.sign_after_backprojection)  # back-projection is the identity
         apply_update(p, numerator, d.denominator, d.step_size(group["lr"]), group["lr"],
                      group["weight_decay"], inner.decay_after_update)
 
@@ -516,52 +330,3 @@ class SubspaceOptimizer(ExactStateMixin, Optimizer):
         back_project_and_apply(local(p), state["projector"], d.ratio().to(torch.float32), left, step_size,
                                group["lr"], group["weight_decay"], inner.sign_after_backprojection,
                                right=state.get("projector_right"), decay_after_update=inner.decay_after_update)
-
-    @staticmethod
-    def _store_sharded(state: dict, view: dict, shard, group: dict, inner) -> None:
-        """Write a sharded weight's local step back: plain values as they are, new local tensors as
-        ``DTensor``s placed like what they describe (``sharding.py``); tensors updated in place are
-        the DTensors' own shards already."""
-        basis_keys = {"projector", *SELECTORS.lookup(group["selector"]).basis_state_keys}
-        for key, value in view.items():
-            if not isinstance(value, torch.Tensor):
-                state[key] = value
-            elif key not in state or local(state[key]) is not value:
-                role = ("basis" if key in basis_keys else "moments" if key in inner.state_keys
-                        else "param" if key == error_feedback.BUFFER else "replicated")
-                state[key] = shard.wrap(value, role)
-
-    def _refresh_phase(self, group: dict, p: torch.Tensor) -> int:
-        """0, or with ``stagger_refresh`` this weight's share ``i * gap // n`` of the refresh gap."""
-        if not group["stagger_refresh"]:
-            return 0
-        projected = [q for q in group["params"] if self._is_projected(group, q)]
-        index = next(i for i, q in enumerate(projected) if q is p)
-        return index * group["update_proj_gap"] // len(projected)
-
-    def _refresh_if_due(self, group, key, p, state, grad, rank, inner, feedback, shard):
-        """Select a new basis when due and move the inner state to it; returns the momentum mass the
-        change of basis lost (for error feedback), else None."""
-        if not self._refresh_due(group, state):
-            return None
-        selector = SELECTORS.lookup(group["selector"])
-        previous = state.get("projector")
-        ctx = SelectionContext(state, group, key, state["refresh_count"], inner, shard)
-        basis = selector.select(grad, previous, rank, ctx)
-        if two_sided(group["side"]):  # the right basis: the same selector on G^T, its own random stream
-            right_shard = shards_of(p, False, self.communication, "refresh")
-            right_ctx = SelectionContext(state, group, key + "/right", state["refresh_count"], inner, right_shard)
-            state["projector_right"] = selector.select(grad.T, state.get("projector_right"), rank, right_ctx)
-        lost = None
-        if previous is None:
-            cols = rank if two_sided(group["side"]) else grad.shape[1]
-            dtype = compute_dtype(group, state_dtype(p))
-            inner.init_state(state, torch.empty((rank, cols), dtype=dtype, device=grad.device))
-        else:
-            state["overlap"] = shard.overlap(previous, basis)
-            before = feedback.momentum_mass(state, inner, previous)
-            TRANSITIONS.lookup(group["transition"]).apply(state, inner, previous, basis, group, shard)
-            lost = feedback.lost_momentum(before, state, inner, previous, basis, shard)
-        state["projector"] = basis
-        state["refresh_count"] += 1
-        return lost

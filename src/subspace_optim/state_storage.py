@@ -30,7 +30,8 @@ import torch
 from . import quantization as q
 from .checks import check_choice
 from .components import Component, Registry
-from .functional import apply_update
+from .dtypes import scalar_dtype
+from .functional import apply_update, lion_sign, step_number
 from .inner import INNER_RULES
 
 MIN_COMPRESSED_NUMEL = 4096
@@ -149,20 +150,18 @@ def decoded(opt, group: dict, p: torch.Tensor):
 def dense_update(opt, group: dict, p: torch.Tensor, chunk: int = CHUNK) -> None:
     """The dense step of ``opt._dense_update`` with compressed moments, ``chunk`` elements at a time
     (fp32 arithmetic; the weight update is cast to the parameter's dtype)."""
-    from .optimizer import _scalar_dtype
-
     inner = INNER_RULES.lookup(group["inner"])
     fmt = _format(group, p.numel())
     state = opt.state[p]
     if not state:
-        state["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
+        state["step"] = torch.tensor(0.0, dtype=scalar_dtype())
         for key in inner.state_keys:
             if fmt == "int8":
                 state[key + CODES], state[key + ABSMAX] = q.empty_codes(p.shape, p.device)
             else:
                 state[key + BF16] = torch.zeros(p.shape, dtype=torch.bfloat16, device=p.device)
     state["step"] += 1
-    step = state["step"].item()
+    step = step_number(state["step"])
     whole = not p.is_contiguous()
     target = p if whole else p.view(-1)
     grad = p.grad if whole else p.grad.reshape(-1)
@@ -171,7 +170,7 @@ def dense_update(opt, group: dict, p: torch.Tensor, chunk: int = CHUNK) -> None:
     for start, end in spans:
         moments = {key: _read(state, key, fmt, start, end, _signed(inner, key)) for key in inner.state_keys}
         d = inner.direction(grad[start:end].to(torch.float32), moments, group, step)
-        numerator = d.numerator.sign() if inner.sign_after_backprojection else d.numerator
+        numerator = lion_sign(d.numerator, inner.sign_after_backprojection)
         part = target[start:end]
         step_size = d.step_size(group["lr"])
         if part.dtype == torch.float32:
