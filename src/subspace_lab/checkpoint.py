@@ -8,7 +8,10 @@ checkpoints only after the new one is committed, and renames each to `step-00012
 before deleting it, so a kill mid-purge never leaves a half-deleted `step-*` folder that looks
 like a checkpoint. `clean_leftovers` (run at every start) removes `.tmp` and `.deleting` folders.
 A failed write (disk full) raises `CheckpointWriteError` naming the reason; the partial folder is
-removed at once and the previous checkpoint stays the latest valid one.
+removed at once and the previous checkpoint stays the latest valid one. The steps are public
+(`begin`, `commit`, `failed`) so that several writers can fill one folder: under FSDP every rank
+writes its shard files (`sharded_checkpoint.py`) between `begin` and rank 0's `commit`, and the
+manifest covers them all (by path relative to the folder).
 Everything loads with `torch.load(weights_only=True)`: only tensors and plain Python values.
 """
 from __future__ import annotations
@@ -71,37 +74,54 @@ def save_checkpoint(root: str | Path, step: int, objects: dict[str, object],
     """Write `objects` (name -> picklable tensors/plain values) atomically as checkpoint `step`."""
     root = Path(root)
     final = step_dir(root, step)
-    tmp = final.with_name(final.name + ".tmp")
+    tmp = temp_dir(final)
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        _write(root, final, tmp, step, objects)
+        begin(root, tmp)
+        commit(root, final, tmp, step, objects)
     except Exception as e:  # noqa: BLE001 - torch reports a failed write as RuntimeError
-        shutil.rmtree(tmp, ignore_errors=True)  # free the space the partial copy took
-        raise _write_error(root, final, e) from e
+        raise failed(root, final, tmp, e) from e
     if keep_last_k is not None:
         purge(root, keep_last_k)
     return final
 
 
-def _write(root: Path, final: Path, tmp: Path, step: int, objects: dict[str, object]) -> None:
+def temp_dir(final: Path) -> Path:
+    return final.with_name(final.name + ".tmp")
+
+
+def begin(root: Path, tmp: Path) -> None:
+    """An empty temporary folder for a new checkpoint (other writers, such as every rank's
+    sharded files, may fill it before `commit`)."""
+    root.mkdir(parents=True, exist_ok=True)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    files = {}
+
+
+def failed(root: Path, final: Path, tmp: Path, e: BaseException) -> "CheckpointWriteError":
+    """Remove the partial folder (free the space it took) and describe the failure."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    return _write_error(root, final, e)
+
+
+def commit(root: Path, final: Path, tmp: Path, step: int, objects: dict[str, object]) -> None:
+    """Write `objects` as `<name>.pt` into `tmp`, then the manifest over EVERY file in it (those
+    of other writers included, by relative path), then rename `tmp` to `final`."""
     for name, obj in objects.items():
-        path = tmp / f"{name}.pt"
-        with open(path, "wb") as f:
+        with open(tmp / f"{name}.pt", "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
-        files[path.name] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+    files = {path.relative_to(tmp).as_posix(): {"size": path.stat().st_size, "sha256": _sha256(path)}
+             for path in sorted(tmp.rglob("*")) if path.is_file()}
     manifest = {"format": 1, "step": step, "files": files, "versions": versions(),
                 "created_unix": time.time()}
     with open(tmp / MANIFEST, "w") as f:
         json.dump(manifest, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
-    _fsync_dir(tmp)
+    for sub in [p for p in tmp.rglob("*") if p.is_dir()] + [tmp]:
+        _fsync_dir(sub)
     if final.exists():  # re-saving a step (e.g. after a resume): set the old copy aside first
         old = final.with_name(final.name + ".old")
         if old.exists():
@@ -223,20 +243,33 @@ def purge(root: str | Path, keep_last_k: int) -> None:
 
 def load_checkpoint(path: str | Path, verify: bool = True,
                     only: tuple[str, ...] | None = None) -> dict[str, object]:
-    """Load every file of a checkpoint, or the `only` ones (`weights_only=True`, on CPU); verify
-    sha256 first."""
+    """Load every `<name>.pt` file of a checkpoint, or the `only` ones (`weights_only=True`, on
+    CPU); verify sha256 first. Files in subfolders (sharded state) are `verify_files`' business."""
     path = Path(path)
-    manifest = read_manifest(path)
-    if manifest is None:
-        raise ValueError(f"{path} is not a complete checkpoint (missing or invalid {MANIFEST})")
+    manifest = _complete(path)
     out = {}
     for name, meta in manifest["files"].items():
-        if only is not None and name[:-3] not in only:
+        if "/" in name or not name.endswith(".pt") or (only is not None and name[:-3] not in only):
             continue
         if verify and _sha256(path / name) != meta["sha256"]:
             raise ValueError(f"checkpoint file {path / name} is corrupt (sha256 mismatch)")
         out[name[:-3]] = torch.load(path / name, weights_only=True, map_location="cpu")
     return out
+
+
+def verify_files(path: str | Path, under: str) -> None:
+    """Check the sha256 of every file the manifest lists below the subfolder `under`."""
+    path = Path(path)
+    for name, meta in _complete(path)["files"].items():
+        if name.startswith(under.rstrip("/") + "/") and _sha256(path / name) != meta["sha256"]:
+            raise ValueError(f"checkpoint file {path / name} is corrupt (sha256 mismatch)")
+
+
+def _complete(path: Path) -> dict:
+    manifest = read_manifest(path)
+    if manifest is None:
+        raise ValueError(f"{path} is not a complete checkpoint (missing or invalid {MANIFEST})")
+    return manifest
 
 
 # ---- RNG states as weights_only-safe values ------------------------------------------------

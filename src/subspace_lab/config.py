@@ -124,6 +124,8 @@ class TrainConfig:
                                 "(subspace optimizers); with --grad-accum K > 1 projected weights "
                                 "accumulate in the subspace; --clip then clips per parameter and "
                                 "needs K = 1")
+    fsdp: bool = _f(False, "shard weights, gradients and optimizer state with FSDP2 (fully_shard per "
+                    "decoder block, then the root) instead of DDP; under torchrun only (docs/fsdp.md)")
     steps: int | None = _f(None, "optimizer steps (if unset: from --tokens, else 200); a --resume "
                            "may change it (see --resume)")
     tokens: int | None = _f(None, "token budget; sets steps = ceil(tokens / tokens per step)")
@@ -201,6 +203,8 @@ class TrainConfig:
         check(self.nonfinite in NONFINITE_POLICIES, "nonfinite", " or ".join(NONFINITE_POLICIES))
         check(self.device in DEVICES, "device", ", ".join(DEVICES))
         check(self.report_to in TRACKERS, "report_to", ", ".join(TRACKERS))
+        if self.fsdp:
+            _check_fsdp(self)
         if self.step_in_backward and self.grad_accum > 1 and self.clip > 0:
             raise ValueError("config: --step-in-backward with --grad-accum > 1 cannot clip (the "
                              f"accumulated full gradient is never formed); pass --clip 0, got {self.clip}")
@@ -235,6 +239,18 @@ def leaves(cls=TrainConfig) -> dict[str, str]:
         else:
             out[f.name] = f.name
     return out
+
+
+def _check_fsdp(cfg: TrainConfig) -> None:
+    """What --fsdp does not combine with, before anything is built."""
+    if cfg.step_in_backward:
+        raise ValueError("config: --fsdp cannot be combined with --step-in-backward (the lab's "
+                         "updates inside backward are built for one process or DDP); drop one")
+    for name in ("state_bits", "projector_bits"):
+        bits = getattr(cfg.optim, name)
+        if bits is not None and bits < 32:
+            raise ValueError(f"config: --fsdp needs --{name.replace('_', '-')} 32 (compressed "
+                             f"optimizer state is not supported for sharded weights), got {bits}")
 
 
 # the flags users know these fields by (each field also has its own name as a flag)

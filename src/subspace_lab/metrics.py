@@ -103,3 +103,15 @@ def peak_memory_mb(device: torch.device) -> float | None:
     except (OSError, ValueError, IndexError):
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def write_run_files(out: Path, cfg, params: int, data, world_size: int, device, total: int) -> None:
+    """`config.json` (the run's settings) and `run.json` (what it ran on, how large it is)."""
+    from .checkpoint import versions
+
+    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    (out / "run.json").write_text(json.dumps({
+        "params": params, "vocab_size": data.tokenizer.vocab_size,
+        "train_sequences": len(data.train), "val_sequences": len(data.val),
+        "tokens_per_step": cfg.tokens_per_step(world_size), "total_steps": total,
+        "world_size": world_size, "device": str(device), "versions": versions()}, indent=1))

@@ -7,7 +7,9 @@ refuses, naming what differs, whatever would change the meaning of that saved st
   fraction, final LR ratio), clipping, the non-finite policy and the validation set's size;
 - the data itself (`data.fingerprint()`: tokenizer and packed rows, by hash): an edited corpus
   retrains a different tokenizer under the same settings;
-- the number of processes (the cursor counts global batches);
+- the number of processes (the cursor counts global batches; under `--fsdp` DCP could reshard
+  the state, but the global batch and the data shards change with the world size);
+- `--fsdp` on or off (`MUST_MATCH`: the checkpoint's format differs);
 - no valid checkpoint at all: a resume never silently starts again from step 0.
 
 The length may change: `--steps` (or `--tokens`) can extend a finished or stopped run, or
@@ -24,10 +26,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import checkpoint as ckpt
+from . import distributed as D
+from . import sharded_checkpoint
 from .config import TrainConfig
 
 MUST_MATCH = ("model", "data", "optim", "batch_size", "grad_accum", "seed", "warmup_fraction",
-              "min_lr_ratio", "clip", "nonfinite", "eval_batches")
+              "min_lr_ratio", "clip", "nonfinite", "eval_batches", "fsdp")
 _MAY_DIFFER = ("data.cache_dir",)  # where caches live; the fingerprint checks what they hold
 
 
@@ -79,19 +83,23 @@ def check_settings(path: Path, cfg: TrainConfig, world_size: int, total: int) ->
                          f"{trainer['step']}; a resume can only go forward")
 
 
-def resume(path: Path, model, opt, sched, data, cfg: TrainConfig, world_size: int,
-           total: int) -> tuple[int, int, int | None]:
-    """Check, then load everything into the freshly built objects; returns the step, the
-    skipped-step count and the run length the checkpoint was saved with (None if unknown)."""
-    check_settings(path, cfg, world_size, total)
-    state = ckpt.load_checkpoint(path)
+def resume(path: Path, model, opt, sched, data, cfg: TrainConfig, info: D.DistInfo, total: int,
+           device=None) -> tuple[int, int, int | None]:
+    """Check, then load everything into the freshly built objects (under `--fsdp`: sharded, every
+    rank calls this); returns the step, the skipped-step count and the run length the checkpoint
+    was saved with (None if unknown)."""
+    check_settings(path, cfg, info.world_size, total)
+    state = ckpt.load_checkpoint(path, only=("scheduler", "trainer") if cfg.fsdp else None)
     trainer = state["trainer"]
     diff = data_differences(trainer.get("data_fingerprint"), data.fingerprint())
     if diff:
         raise ValueError(f"cannot resume from {path}: the data differs from the checkpoint's in "
                          f"{'; '.join(diff)}; the corpus or tokenizer changed since it was saved")
-    model.load_state_dict(state["model"])
-    opt.load_state_dict(state["optimizer"])
+    if cfg.fsdp:
+        sharded_checkpoint.load(path, model, opt, info, device)
+    else:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     # the schedule's lambdas are not saved: `sched` holds the one over the current total, so
     # the LR of the next step comes from it (the same float expression LambdaLR itself uses, so
@@ -101,5 +109,6 @@ def resume(path: Path, model, opt, sched, data, cfg: TrainConfig, world_size: in
         group["lr"] = lr
     sched._last_lr = lrs
     data.load_state_dict(trainer["data"])
-    ckpt.restore_rng(trainer["rng"])
+    # this rank's own RNG states (checkpoints of older versions hold rank 0's only)
+    ckpt.restore_rng(trainer.get("rng_by_rank", [trainer["rng"]] * info.world_size)[info.rank])
     return int(trainer["step"]), int(trainer["skipped_steps"]), trainer.get("total_steps")

@@ -4,7 +4,8 @@ One optimizer step = `grad_accum` micro-batches of `batch_size` sequences per ra
 backward, global-norm clip, a finiteness check, then the update. A non-finite loss or gradient
 norm either raises `NonFiniteLossError` before the optimizer touches anything (policy 'error'; no
 checkpoint is written), or skips the update and counts it (policy 'skip'). bf16 autocast on CUDA,
-fp32 on CPU (bf16 is ~28x slower on CPU). Under `torchrun` the model is wrapped in DDP; rank 0
+fp32 on CPU (bf16 is ~28x slower on CPU). Under `torchrun` the model is wrapped in DDP, or with
+`--fsdp` sharded by FSDP2 before the optimizer is built on its shards (docs/fsdp.md); rank 0
 writes metrics.jsonl, overlap.jsonl and checkpoints. The LR schedule is transformers'
 `get_cosine_with_min_lr_schedule_with_warmup`, the Trainer's `cosine_with_min_lr`.
 Order after a step: metrics, then the checkpoint, then (after the last step) summary.json, and
@@ -16,7 +17,6 @@ is `inf`. The parts: `meter.py` (what is measured), `refreshes.py` (subspace ref
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import sys
 import time
@@ -32,7 +32,7 @@ from .checkpointer import Checkpointer
 from .config import TrainConfig
 from .data import build_data
 from .meter import Meter
-from .metrics import JsonlWriter, write_summary
+from .metrics import JsonlWriter, write_run_files, write_summary
 from .models import build_model, check_seq_len, count_params, lm_nll
 from .optimizers import build_optimizer, state_bytes
 from .preflight import prepare_out_dir, preflight
@@ -78,11 +78,16 @@ def evaluate(model, data, cfg: TrainConfig, info: D.DistInfo, device, autocast) 
     model.eval()
     nll = torch.zeros((), dtype=torch.float64, device=device)
     count = torch.zeros((), dtype=torch.float64, device=device)
-    for x in data.val_batches(cfg.batch_size, cfg.eval_batches, info.rank, info.world_size):
+    mine = data.val_batches(cfg.batch_size, cfg.eval_batches, info.rank, info.world_size)
+    runs = len(mine)
+    if cfg.fsdp:  # each forward gathers weights with every rank: all run as many, extras unused
+        runs = int(D.max_across(info, torch.tensor(runs, device=device)).item())
+    for i in range(runs):
         with autocast():
-            s, n = lm_nll(model, x.to(device))
-        nll += s.double()
-        count += n
+            s, n = lm_nll(model, (mine[i] if i < len(mine) else data.val[:1]).to(device))
+        if i < len(mine):
+            nll += s.double()
+            count += n
     nll, count = D.sum_across(info, nll), D.sum_across(info, count)
     model.train(was_training)
     if count.item() == 0:
@@ -99,32 +104,15 @@ def perplexity(loss: float) -> float:
         return math.inf
 
 
-def _device(cfg: TrainConfig) -> tuple[D.DistInfo, torch.device]:
-    dev_type = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    info = D.setup(dev_type)
-    device = torch.device(f"cuda:{info.local_rank}" if dev_type == "cuda" else "cpu")
-    if dev_type == "cuda":
-        torch.cuda.set_device(device)
-    return info, device
-
-
-def _write_run_files(out: Path, cfg: TrainConfig, model, data, info, device, total) -> None:
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
-    (out / "run.json").write_text(json.dumps({
-        "params": count_params(model), "vocab_size": data.tokenizer.vocab_size,
-        "train_sequences": len(data.train), "val_sequences": len(data.val),
-        "tokens_per_step": cfg.tokens_per_step(info.world_size), "total_steps": total,
-        "world_size": info.world_size, "device": str(device), "versions": ckpt.versions()},
-        indent=1))
-
-
 def _forward_backward(model, data, cfg: TrainConfig, info, device, autocast) -> torch.Tensor:
     """`grad_accum` micro-batches: gradients of the mean loss; returns it, averaged over ranks."""
     loss_sum = torch.zeros((), device=device)
     for micro in range(cfg.grad_accum):
         x = data.next_batch(cfg.batch_size, info.rank, info.world_size).to(device)
         last = micro == cfg.grad_accum - 1
-        sync = model.no_sync() if info.enabled and not last else contextlib.nullcontext()
+        # (FSDP reduce-scatters every micro-batch: skipping it would hold whole gradients)
+        ddp = info.enabled and not cfg.fsdp
+        sync = model.no_sync() if ddp and not last else contextlib.nullcontext()
         with sync:
             with autocast():
                 nll, n = lm_nll(model, x)
@@ -156,7 +144,7 @@ def train(cfg: TrainConfig, data=None) -> TrainResult:
     preflight(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    info, device = _device(cfg)
+    info, device = D.setup_device(cfg.device, cfg.fsdp)
     out = Path(cfg.out_dir)
     ckpt_root = out / "checkpoints"
     if info.is_main:
@@ -180,19 +168,21 @@ def train(cfg: TrainConfig, data=None) -> TrainResult:
     raw_model = build_model(cfg.model, data.tokenizer.vocab_size, cfg.seed)
     check_seq_len(raw_model, cfg.data.seq_len)
     raw_model.to(device)
+    if cfg.fsdp:  # in place: the optimizer is built on (and its state shaped like) the shards
+        D.shard_model(raw_model, device)
     opt = build_optimizer(cfg.optim, raw_model, seed=cfg.seed, nonfinite=cfg.nonfinite)
     sched = lr_schedule(opt, total, cfg)
     step, skipped = 0, 0
     D.barrier(info)
     if latest is not None:
-        step, skipped, saved_total = resume(latest, raw_model, opt, sched, data, cfg,
-                                            info.world_size, total)
+        step, skipped, saved_total = resume(latest, raw_model, opt, sched, data, cfg, info,
+                                            total, device)
         if saved_total not in (None, total) and info.is_main:
             print(f"[resume] {latest.name}: the run had {saved_total} steps, now {total}; the LR "
                   f"schedule is recomputed over {total} steps from step {step} on",
                   file=sys.stderr, flush=True)
     model = raw_model
-    if info.enabled:
+    if info.enabled and not cfg.fsdp:
         model = torch.nn.parallel.DistributedDataParallel(
             raw_model, device_ids=[device.index] if device.type == "cuda" else None)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" \
@@ -209,11 +199,11 @@ def train(cfg: TrainConfig, data=None) -> TrainResult:
     metrics = JsonlWriter(out / "metrics.jsonl", info.is_main, resume_step, tracker)
     overlaps = JsonlWriter(out / "overlap.jsonl", info.is_main, resume_step)
     if info.is_main:
-        _write_run_files(out, cfg, raw_model, data, info, device, total)
+        write_run_files(out, cfg, count_params(raw_model), data, info.world_size, device, total)
     tokens_per_step = cfg.tokens_per_step(info.world_size)
     result = TrainResult(str(out), total, skipped_steps=skipped, model=raw_model, optimizer=opt)
     meter, refreshes = Meter(device), RefreshCounter(opt)
-    checkpointer = Checkpointer(ckpt_root, cfg, info, total)
+    checkpointer = Checkpointer(ckpt_root, cfg, info, total, device)
 
     def eval_due(s: int) -> bool:
         return s > 0 and (bool(cfg.eval_every and s % cfg.eval_every == 0) or s == total)
@@ -265,6 +255,8 @@ def train(cfg: TrainConfig, data=None) -> TrainResult:
                 step_loss = _forward_backward(model, data, cfg, info, device, autocast)
                 gnorm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(),
                                                        cfg.clip if cfg.clip > 0 else float("inf"))
+                if hasattr(gnorm, "full_tensor"):  # FSDP: a replicated DTensor, the global norm
+                    gnorm = gnorm.full_tensor()
                 finite = bool(torch.isfinite(step_loss) & torch.isfinite(gnorm))
                 t_opt = _update(opt, finite, step_loss, gnorm, step, cfg)
                 skipped += t_opt is None
