@@ -106,8 +106,8 @@ class OptimConfig:
                                        "whole spectrum)")
     state_bits: int | None = _f(None, "bits per stored optimizer moment: 32, 16 (bf16) or 8 "
                                 "(block-wise, needs bitsandbytes)")
-    projector_bits: int | None = _f(None, "bits per stored projector entry: 32 or 16 (bf16; the math "
-                                    "stays fp32)")
+    projector_bits: int | None = _f(None, "bits per stored projector entry: 32, 16 (bf16) or 8 "
+                                    "(block-wise linear map, needs bitsandbytes); the math stays fp32")
     foreach: bool | None = _f(None, "true: the grouped path (batched projections, foreach moments) "
                               "for ordinary steps; default: on for CUDA")
 

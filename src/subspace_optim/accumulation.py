@@ -24,7 +24,7 @@ import torch
 
 from .dtypes import state_dtype
 from .functional import left_form, project
-from .state_storage import compute_dtype, decoded
+from .state_storage import compute_dtype, decoded, stored_basis
 
 
 def needs_full_gradient(opt, group: dict, p: torch.Tensor) -> bool:
@@ -48,7 +48,7 @@ def project_gradient(opt, group: dict, p: torch.Tensor, grad: torch.Tensor, accu
     """``P^T G`` (r, l) of one micro-batch gradient ``grad`` of ``p``, computed in fp32 (as the step
     does) and returned in the accumulator dtype."""
     state = opt.state[p]
-    basis = state["projector"].to(torch.float32)  # (k, r); stored in bf16 with projector_bits=16
+    basis = stored_basis(state)  # (k, r) fp32; stored in bf16 or 8 bits with projector_bits=16/8
     reduced = project(basis, left_form(grad, state["project_left"]).to(torch.float32))
     return reduced.to(accumulator_dtype(group, p, accumulate))
 

@@ -119,7 +119,7 @@ class SubspaceOptimizer(ParamGroupsMixin, PersistenceMixin, RefreshMixin, Optimi
             ``"adamw_hf"``, True), ``importance_pool`` (``selector="importance"``, None), ``rho``
             (``selector="power"``, 0.908), ``osd_variant``, ``osd_alpha``,
             ``osd_p_optimizer``, ``osd_orthonormalize`` (``selector="online_pca"``), ``state_bits``
-            (8, 16 or 32) and ``projector_bits`` (16 or 32) (``state_storage.py``); and those of any
+            (8, 16 or 32) and ``projector_bits`` (8, 16 or 32) (``state_storage.py``); and those of any
             component registered later. galore-torch's ``no_deprecation_warning`` is accepted and
             ignored.
 

@@ -13,6 +13,12 @@ optimizer states are tensor subclasses, which need ``import torchao.optim`` befo
 ``weights_only`` load, an element count divisible by the block size, and no in-place ``lerp_``.
 bitsandbytes is an optional dependency (``pip install 'subspace-optim[lowbit]'``), imported only
 when 8-bit states are used.
+
+A projector (``projector_bits=8``) takes bitsandbytes' signed *linear* map instead (255 evenly
+spaced values in [-1, 1] and zero): a basis vector's entries are spread around ``1/sqrt(k)`` with
+no heavy concentration near zero, which the dynamic map's resolution favours. Measured on SVD bases
+of (128, 32) to (4096, 1024): relative entry error 0.7% (linear) against 1.1% (dynamic), and
+``||P^T P - I||_2`` 1.0e-2 against 1.5e-2 (bf16 storage: 0.17% and 2.4e-3).
 """
 
 from __future__ import annotations
@@ -37,11 +43,16 @@ def require_backend() -> None:
     _functional()
 
 
-def quantization_map(signed: bool, device) -> torch.Tensor:
-    """bitsandbytes' dynamic map (256 values, fp32) on ``device``, cached."""
-    key = (signed, str(device))
+MAPS = ("dynamic", "linear")
+
+
+def quantization_map(signed: bool, device, kind: str = "dynamic") -> torch.Tensor:
+    """bitsandbytes' dynamic map, or its linear one (``kind``; 256 values, fp32) on ``device``, cached."""
+    key = (kind, signed, str(device))
     if key not in _MAPS:
-        _MAPS[key] = _functional().create_dynamic_map(signed=signed).to(device)
+        F = _functional()
+        made = F.create_dynamic_map(signed=signed) if kind == "dynamic" else F.create_linear_map(signed=signed)
+        _MAPS[key] = made.to(device)
     return _MAPS[key]
 
 
@@ -56,15 +67,16 @@ def empty_codes(shape, device) -> tuple[torch.Tensor, torch.Tensor]:
             torch.zeros(blocks(numel), dtype=torch.float32, device=device))
 
 
-def quantize_into(values: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, signed: bool) -> None:
+def quantize_into(values: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, signed: bool,
+                  kind: str = "dynamic") -> None:
     """Write the codes (``codes``, uint8, ``values``' shape) and block scales (``absmax``, fp32) of
     ``values`` in place. Blocks start at element 0 of ``values``: quantising a tensor chunk by chunk,
     with chunks that start on block boundaries, gives exactly the codes of the whole."""
-    code = quantization_map(signed, values.device)
+    code = quantization_map(signed, values.device, kind)
     _functional().quantize_blockwise(values.contiguous(), code=code, absmax=absmax, out=codes, blocksize=BLOCK)
 
 
-def dequantize(codes: torch.Tensor, absmax: torch.Tensor, signed: bool) -> torch.Tensor:
-    """The fp32 values that ``codes`` and ``absmax`` encode (``codes``' shape)."""
-    code = quantization_map(signed, codes.device)
+def dequantize(codes: torch.Tensor, absmax: torch.Tensor, signed: bool, kind: str = "dynamic") -> torch.Tensor:
+    """The fp32 values that ``codes`` and ``absmax`` encode (``codes``' shape) with the map ``kind``."""
+    code = quantization_map(signed, codes.device, kind)
     return _functional().dequantize_blockwise(codes, absmax=absmax, code=code, blocksize=BLOCK)

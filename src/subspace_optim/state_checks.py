@@ -20,7 +20,8 @@ from . import error_feedback
 from .inner import INNER_RULES
 from .selectors import SELECTORS
 from .sides import two_sided
-from .state_storage import stored_keys
+from .quantization import blocks
+from .state_storage import BASIS_ABSMAX, stored_keys
 from .validation import validate_group
 
 # Group keys that define the method: loading a state saved with other values changes what the
@@ -105,8 +106,12 @@ def _check_param_state(param_state: dict, group: dict, p: torch.Tensor, optimize
                          f"{'left' if left else 'right'}")
     l = p.shape[1] if left else p.shape[0]
     k = p.shape[0] if left else p.shape[1]
-    basis_dtype = torch.bfloat16 if group["projector_bits"] == 16 else torch.float32
+    basis_dtype = {8: torch.uint8, 16: torch.bfloat16}.get(group["projector_bits"], torch.float32)
     _check_tensor(param_state["projector"], where, "projector", shape=(k, rank), dtype=basis_dtype)
+    if group["projector_bits"] == 8:  # codes and their block scales (state_storage.py)
+        _require(param_state, (BASIS_ABSMAX,), where)
+        _check_tensor(param_state[BASIS_ABSMAX], where, BASIS_ABSMAX, shape=(blocks(k * rank),),
+                      dtype=torch.float32)
     if two_sided(group["side"]):
         _require(param_state, ("projector_right",), where)
         _check_tensor(param_state["projector_right"], where, "projector_right", shape=(l, rank),

@@ -1,5 +1,5 @@
 """Compressed storage of optimizer state between steps: the inner rule's moments in 8 or 16 bits
-(group key ``state_bits``) and the projector in bf16 (``projector_bits``); the math stays fp32.
+(group key ``state_bits``) and the projector in 8 or 16 bits (``projector_bits``); the math stays fp32.
 
 - ``state_bits=32`` (default): moments stored as computed, at the parameter's precision (fp32 for
   fp16 parameters), as ``torch.optim.AdamW`` keeps them.
@@ -12,6 +12,12 @@
   projection, refresh and transitions keep fp32 arithmetic; only the stored basis is rounded
   (a refresh step itself still uses the unrounded new basis). Its relative error, ~2^-9 per entry,
   makes the basis orthonormal only to that precision.
+- ``projector_bits=8``: the basis is stored block-wise quantised with the signed *linear* map
+  (``quantization.py``): key ``projector`` holds the uint8 codes (the basis' shape, so the rank and
+  side read from it as before) and ``projector_absmax`` the fp32 block scales. Relative entry error
+  ~0.7%, ``||P^T P - I||_2`` ~1e-2. A basis is quantised once, when a refresh makes it: steps that
+  keep it put the stored codes back instead of quantising the decoded copy again. The right basis
+  of a two-sided projection stays fp32 (as with ``projector_bits=16``).
 
 Applies to projected and dense parameters. A step decodes the moments of one parameter, runs the
 ordinary arithmetic (transitions, selectors and error feedback see ordinary float tensors) and
@@ -37,7 +43,8 @@ from .inner import INNER_RULES
 MIN_COMPRESSED_NUMEL = 4096
 CHUNK = 1 << 20  # elements per chunk of a dense update, a multiple of the block size
 CODES, ABSMAX, BF16 = "_codes", "_absmax", "_bf16"
-STATE_BITS, PROJECTOR_BITS = (8, 16, 32), (16, 32)
+STATE_BITS, PROJECTOR_BITS = (8, 16, 32), (8, 16, 32)
+BASIS, BASIS_ABSMAX = "projector", "projector" + ABSMAX
 
 
 class StateStorage(Component):
@@ -46,14 +53,14 @@ class StateStorage(Component):
 
     @property
     def exact_state_keys(self) -> tuple[str, ...]:  # codes and scales must keep their dtype on load
-        return tuple(key + suffix for rule in INNER_RULES.values() for key in rule.state_keys
-                     for suffix in (CODES, ABSMAX, BF16))
+        return (BASIS_ABSMAX,) + tuple(key + suffix for rule in INNER_RULES.values() for key in rule.state_keys
+                                       for suffix in (CODES, ABSMAX, BF16))
 
     def validate(self, group: dict) -> None:
         for name, allowed in (("state_bits", STATE_BITS), ("projector_bits", PROJECTOR_BITS)):
             if isinstance(group[name], bool) or group[name] not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(map(str, allowed))}; got {group[name]!r}")
-        if group["state_bits"] == 8:
+        if group["state_bits"] == 8 or group["projector_bits"] == 8:
             q.require_backend()
 
 
@@ -80,15 +87,37 @@ def _signed(inner, key: str) -> bool:
 
 
 # ------------------------------------------------------------------------- decode / encode
+def stored_basis(state: dict) -> torch.Tensor:
+    """The fp32 basis (k, r) that ``state``'s ``projector`` stores (fp32, bf16 or 8-bit codes)."""
+    basis = state[BASIS]
+    if basis.dtype == torch.uint8:
+        return q.dequantize(basis, state[BASIS_ABSMAX], True, "linear")
+    return basis.to(torch.float32)
+
+
 def _decode(state: dict, inner) -> None:
     for key in inner.state_keys:
         if key + CODES in state:
             state[key] = q.dequantize(state[key + CODES], state[key + ABSMAX], _signed(inner, key))
         elif key + BF16 in state:
             state[key] = state[key + BF16].to(torch.float32)
-    basis = state.get("projector")
-    if basis is not None and basis.dtype != torch.float32:
-        state["projector"] = basis.to(torch.float32)
+    if BASIS in state and state[BASIS].dtype != torch.float32:
+        state[BASIS] = stored_basis(state)
+        state.pop(BASIS_ABSMAX, None)
+
+
+def _encode_basis(state: dict, group: dict, stored: dict | None, decoded_basis) -> None:
+    if BASIS not in state:
+        return
+    if group["projector_bits"] == 16:
+        state[BASIS] = state[BASIS].to(torch.bfloat16)
+    elif group["projector_bits"] == 8:
+        if state[BASIS] is decoded_basis and stored[BASIS].dtype == torch.uint8:  # the basis stayed
+            state[BASIS], state[BASIS_ABSMAX] = stored[BASIS], stored[BASIS_ABSMAX]
+            return
+        codes, absmax = q.empty_codes(state[BASIS].shape, state[BASIS].device)
+        q.quantize_into(state[BASIS], codes, absmax, True, "linear")
+        state[BASIS], state[BASIS_ABSMAX] = codes, absmax
 
 
 def _encode(state: dict, group: dict, inner) -> None:
@@ -108,8 +137,6 @@ def _encode(state: dict, group: dict, inner) -> None:
             q.quantize_into(value, state[key + CODES], state[key + ABSMAX], _signed(inner, key))
         else:
             state[key + BF16] = value.to(torch.bfloat16)
-    if group["projector_bits"] == 16 and "projector" in state:
-        state["projector"] = state["projector"].to(torch.bfloat16)
 
 
 def stored_keys(group: dict, key: str, numel: int) -> tuple[str, ...]:
@@ -134,6 +161,7 @@ def decoded(opt, group: dict, p: torch.Tensor):
     stored = dict(state) if state else None
     if state:
         _decode(state, inner)
+    decoded_basis = state.get(BASIS) if state else None
     try:
         yield
     except BaseException:
@@ -144,6 +172,7 @@ def decoded(opt, group: dict, p: torch.Tensor):
     state = opt.state.get(p)
     if state:
         _encode(state, group, inner)
+        _encode_basis(state, group, stored, decoded_basis)
 
 
 # ------------------------------------------------------------------------------ dense path
