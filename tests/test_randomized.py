@@ -3,8 +3,10 @@ values), its own counter-based stream (same across processes and resumes), its o
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -110,7 +112,10 @@ torch.save(get_selector("dominant").select(a, None, 4, ctx), sys.argv[1])
 
 def test_same_basis_in_another_process(tmp_path):
     path = tmp_path / "basis.pt"
-    subprocess.run([sys.executable, "-c", _CHILD, str(path)], check=True)
+    # the child imports this checkout's library (not an installed copy), on one thread like the tests
+    src = Path(__file__).resolve().parents[1] / "src"
+    env = {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-c", _CHILD, str(path)], check=True, env=env)
     a = torch.randn(40, 64, generator=torch.Generator().manual_seed(1))
     here = get_selector("dominant").select(
         a, None, 4, SelectionContext({}, {"seed": 7, "svd_method": "randomized"}, "layer.weight", 3))

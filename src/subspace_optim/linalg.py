@@ -1,7 +1,8 @@
 """Linear algebra in fp32 for subspace selection: SVD, QR, random bases, subspace overlap.
 
 ``SVD_METHODS`` (the ``svd_method`` group key) names the factorisations of a gradient: ``svd`` (the
-reference), ``gram`` (exact, faster) and ``randomized`` (``randomized.py``: the leading triplets only).
+reference), ``gram`` (exact, faster), ``randomized`` (``randomized.py``: the leading triplets only)
+and ``auto`` (``auto_svd.py``: per shape, the cheaper of ``gram`` and a randomized plan).
 
 Every factorisation here runs in float32 (or float64 on a retry) whatever the parameter dtype:
 ``torch.linalg.svd`` has no bf16 kernel, and a low-precision basis would drift from orthonormality.
@@ -126,9 +127,10 @@ def subspace_overlap(old: torch.Tensor, new: torch.Tensor) -> float:
 
 
 def _svd_methods() -> dict:
-    from .randomized import randomized_svd_fp32  # it builds on the exact methods above
+    from .auto_svd import auto_svd_fp32  # both build on the exact methods above
+    from .randomized import randomized_svd_fp32
 
-    return {"svd": svd_fp32, "gram": svd_gram_fp32, "randomized": randomized_svd_fp32}
+    return {"svd": svd_fp32, "gram": svd_gram_fp32, "randomized": randomized_svd_fp32, "auto": auto_svd_fp32}
 
 
 # name -> f(matrix (..., k, l), count, test_matrix, **options) -> (U (..., k, c), S (..., c))

@@ -55,9 +55,10 @@ class SelectionContext:
 
         ``count`` is how many leading triplets the caller needs (None: the whole spectrum). The exact
         methods (``svd``, ``gram``) return all ``c = min(k, l)``; ``randomized`` returns ``count``
-        (or all, when a sketch would be as large as the matrix), from this weight's own test matrix.
+        (or all, when a sketch would be as large as the matrix), from this weight's own test matrix;
+        ``auto`` is one of these, chosen by the whole gradient's shape and ``count``.
         """
-        method, options = method_options(self.group)
+        method, options = method_options(self.group, self.shard.whole_shape(grad.shape), count)
         test_matrix = gaussian_test_matrix(self.sketch_generator(grad.device)) if options else None
         return nonzero_factors(*self.shard.factorize(grad, method, count, test_matrix, options))
 
