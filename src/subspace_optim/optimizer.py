@@ -105,7 +105,9 @@ class SubspaceOptimizer(ParamGroupsMixin, PersistenceMixin, RefreshMixin, Optimi
             reference), ``gram`` (``eigh`` of the Gram matrix, exact, 2-5x faster, see
             ``linalg.svd_gram_fp32``) or ``randomized`` (Halko-Martinsson-Tropp: only the leading
             triplets, ``randomized.py``; I3S then samples the whole spectrum from an exact
-            factorisation unless ``importance_pool`` restricts it to the top ``pool * r``).
+            factorisation unless ``importance_pool`` restricts it to the top ``pool * r``) or
+            ``auto`` (per weight shape, the cheapest of ``gram`` and planned randomized settings
+            predicted to capture 99% of the exact top-r energy, ``auto_svd.py``).
         rsvd_oversampling (float, 0.5, >= 0), rsvd_power_iters (int, 1, >= 0): the randomized
             method's extra sketch columns (a fraction of the rank) and power iterations.
         subspace (bool or None, None): default for groups that set neither ``subspace`` nor a GaLore
