@@ -165,7 +165,159 @@ def nonfinite(mesh, names):
     return out
 
 
+# ----------------------------------------------------------------------------- in backward
+def _window_loss(model, x, accumulate):
+    return model(x).pow(2).mean() / accumulate
+
+
+def train_ordinary(model, opt, data, accumulate=1, clip=None, max_norm=0.05):
+    """Ordinary FSDP2 steps over windows of ``accumulate`` micro-batches (FSDP2 reduce-scatters each
+    and sums the shards), optionally clipped per parameter or globally first."""
+    for i in range(0, len(data), accumulate):
+        opt.zero_grad()
+        for x in data[i:i + accumulate]:
+            _window_loss(model, x, accumulate).backward()
+        params = [p for group in opt.param_groups for p in group["params"]]
+        if clip == "per_parameter":
+            for p in params:
+                torch.nn.utils.clip_grad_norm_([p], max_norm)
+        elif clip == "global":
+            torch.nn.utils.clip_grad_norm_(params, max_norm)
+        opt.step()
+
+
+def train_in_backward(model, opt, data, handle, accumulate=1):
+    """Updates inside backward; returns how many gradients were left after the last backward of a
+    window (the hooks use and free every one), how many such backwards changed no weight (the
+    updates happen inside them) and how many gradients were held after the other micro-batches
+    (accumulated in full; the others were projected and freed)."""
+    left, idle, held = 0, 0, 0
+    for i in range(0, len(data), accumulate):
+        for j, x in enumerate(data[i:i + accumulate]):
+            before = [p.to_local().clone() for p in model.parameters()]
+            handle.backward(_window_loss(model, x, accumulate))
+            grads = sum(p.grad is not None for p in model.parameters())
+            moved = any(not torch.equal(a, p.to_local()) for a, p in zip(before, model.parameters()))
+            if j == accumulate - 1:
+                left, idle = left + grads, idle + (not moved)
+            else:
+                held += grads
+        opt.step()
+    return left, idle, held
+
+
+def full_state(opt, model):
+    return [{key: full(value).detach().clone() if isinstance(value, torch.Tensor) else value
+             for key, value in opt.state[p].items()} for p in model.parameters()]
+
+
+def in_backward(mesh, names):
+    """Updates inside backward on the FSDP2 model vs ordinary FSDP2 steps of the same optimizer:
+    one micro-batch and 2 accumulated (in the subspace), the bytes of the last step, a DCP-style
+    state-dict round trip; for galore also clipping per parameter and global (two_pass), and the
+    non-finite policy with a NaN in one rank's shard."""
+    out = {}
+    data = batches(20)
+    for name in names:
+        r = out[name] = {}
+        for k in (1, 2):
+            model = make_model(mesh)
+            opt = make_optimizer(name, model)
+            train_ordinary(model, opt, data[: 9 * k], k)
+            opt.communication.clear()
+            train_ordinary(model, opt, data[9 * k: 10 * k], k)
+            r[f"ordinary{k}"] = [full(p).detach() for p in model.parameters()]
+            r[f"ordinary{k}_bytes"] = dict(opt.communication)
+            r[f"ordinary{k}_state"] = full_state(opt, model)
+
+            model = make_model(mesh)
+            opt = make_optimizer(name, model)
+            handle = opt.step_in_backward(accumulate=k)
+            counts = train_in_backward(model, opt, data[: 9 * k], handle, k)
+            opt.communication.clear()
+            more = train_in_backward(model, opt, data[9 * k: 10 * k], handle, k)
+            r[f"in_backward{k}"] = [full(p).detach() for p in model.parameters()]
+            r[f"in_backward{k}_bytes"] = dict(opt.communication)
+            r[f"in_backward{k}_state"] = full_state(opt, model)
+            r[f"in_backward{k}_counts"] = [a + b for a, b in zip(counts, more)]  # left, idle, held
+            r[f"in_backward{k}_skipped"] = opt.skipped_steps
+
+        # resume at step 5 from the FSDP2 state dicts into fresh objects, updates in backward
+        model = make_model(mesh)
+        opt = make_optimizer(name, model)
+        train_in_backward(model, opt, data[:5], opt.step_in_backward())
+        state = checkpoint_state(model, opt)
+        fresh = make_model(mesh)
+        torch.nn.init.zeros_(next(fresh.parameters()))
+        fresh_opt = make_optimizer(name, fresh)
+        set_model_state_dict(fresh, state["model"])
+        set_optimizer_state_dict(fresh, fresh_opt, state["optim"])
+        train_in_backward(fresh, fresh_opt, data[5:10], fresh_opt.step_in_backward())
+        r["resumed"] = [full(p).detach() for p in fresh.parameters()]
+
+    if "galore" in names:
+        r = out["clip"] = {}
+        for clip, options in (("per_parameter", dict(max_grad_norm=0.05)),
+                              ("global", dict(max_grad_norm=0.05, two_pass=True))):
+            model = make_model(mesh)
+            opt = make_optimizer("galore", model)
+            train_ordinary(model, opt, data[:10], clip=clip)
+            r[f"ordinary_{clip}"] = [full(p).detach() for p in model.parameters()]
+            model = make_model(mesh)
+            opt = make_optimizer("galore", model)
+            r[f"in_backward_{clip}_counts"] = train_in_backward(model, opt, data[:10], opt.step_in_backward(**options))
+            r[f"in_backward_{clip}"] = [full(p).detach() for p in model.parameters()]
+        out["nonfinite"] = in_backward_nonfinite(mesh, data)
+    return out
+
+
+def in_backward_nonfinite(mesh, data):
+    """A NaN in the last rank's shard of one gradient at step 2 (0-based), under updates in backward.
+    skip: model[4] (its gradient arrives first): every rank skips that step, vs the ordinary skip;
+    torn (skip): model[0] (arrives last, after model[4] and model[2] were updated): every rank
+    raises; error: every rank raises, naming the same parameter, nothing changed."""
+    from subspace_optim.in_backward import NonFiniteGradientError
+
+    out = {}
+    for case, policy, layer in (("skip", "skip", 4), ("torn", "skip", 0), ("error", "error", 4)):
+        runs = {}
+        for mode in ("ordinary", "in_backward"):
+            if mode == "ordinary" and case != "skip":
+                continue
+            model = make_model(mesh)
+            opt = GaLoreAdamW(subspace_param_groups(model, **GROUP), lr=1e-2, nonfinite=policy)
+            calls = {"n": 0}
+
+            def poison(p, calls=calls):
+                calls["n"] += 1
+                if calls["n"] == 3 and dist.get_rank() == dist.get_world_size() - 1:
+                    p.grad.to_local()[0, 0] = float("nan")
+
+            model[layer].weight.register_post_accumulate_grad_hook(poison)  # before the handle's: runs first
+            handle = opt.step_in_backward() if mode == "in_backward" else None
+            message, unchanged = None, None
+            for i, x in enumerate(data[:5]):
+                before = [full(p).detach().clone() for p in model.parameters()]
+                try:
+                    if handle is None:
+                        train_ordinary(model, opt, [x])
+                    else:
+                        handle.backward(_window_loss(model, x, 1))
+                        opt.step()
+                except RuntimeError as err:
+                    message = f"{type(err).__name__}: {err}"
+                if i == 2:
+                    unchanged = [torch.equal(a, full(b)) for a, b in zip(before, model.parameters())]
+                if message is not None:
+                    break
+            runs[mode] = {"message": message, "unchanged": unchanged, "skipped": opt.skipped_steps,
+                          "weights": [full(p).detach() for p in model.parameters()]}
+        out[case] = runs
+    return out
+
+
 JOBS = {"equivalence": equivalence, "dcp_save": dcp_save, "dcp_load": dcp_load, "nonfinite": nonfinite}
+JOBS["in_backward"] = in_backward
 
 
 def main() -> None:

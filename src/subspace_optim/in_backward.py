@@ -39,8 +39,20 @@ What cannot be global any more, and how it is handled:
   bucket's parameters. DDP keeps its buckets (a full gradient) for the whole run, so this saves no
   gradient memory there; do not use ``no_sync`` (every micro-batch is reduced and accumulated here).
   DDP's communication hook cannot be unregistered: after ``remove()`` it only all-reduces.
-- **FSDP2** calls post-accumulate-grad hooks on the sharded parameter after its reduce-scatter, so the
-  per-parameter hook applies to the DTensor shard as is.
+- **FSDP2** (``fully_shard``) calls post-accumulate-grad hooks on the sharded ``DTensor`` parameter after
+  its reduce-scatter, in the same order on every process, so the per-parameter hook sees the reduced
+  shard and runs the step's own per-parameter code on the local shards (``sharding.py``): a refresh,
+  OSD and LDAdam factorise or contract across shards as ``opt.step()`` does; an ordinary step of a
+  left projection all-reduces ``sum_i P_i^T G_i`` (r, l) once, a right projection communicates
+  nothing; with ``accumulate=k`` local partial products are summed over the window and all-reduced
+  once at its end (``accumulation.py``). Every decision that could differ between processes is agreed
+  first, by a collective that every process enters for every parameter in hook order: each gradient's
+  non-finite screen (a flag all-reduced over the mesh, ``nonfinite.nonfinite_agreed``), so every
+  process skips, raises or tears together; the loss check of ``handle.backward``; ``max_grad_norm``
+  clips by the norm of the whole parameter (its squared local norm all-reduced,
+  ``sharding.whole_norm``), and ``two_pass=True`` sums those whole norms (FSDP2 supports the second
+  backward over the retained graph). Tested with 2 gloo processes (``tests/test_fsdp_in_backward.py``):
+  bitwise equal to ordinary FSDP2 steps with one micro-batch, within fp32 rounding with 2.
 """
 
 from __future__ import annotations
@@ -52,6 +64,8 @@ import torch
 from . import accumulation
 from .checks import check_bool, check_int, check_real
 from .ddp_hook import install_comm_hook
+from .nonfinite import nonfinite_agreed
+from .sharding import is_dtensor, local, whole_norm
 
 
 class NonFiniteGradientError(RuntimeError):
@@ -60,8 +74,29 @@ class NonFiniteGradientError(RuntimeError):
 
 def _nonfinite(grad: torch.Tensor) -> bool:
     # One sum reads the gradient once; only a non-finite sum (a bad value or a finite overflow)
-    # pays for the exact search.
+    # pays for the exact search. A sharded (FSDP2) gradient: agreed by every process of its mesh.
+    if is_dtensor(grad):
+        return nonfinite_agreed(grad)
     return not bool(torch.isfinite(grad.sum(dtype=torch.float32))) and not bool(grad.isfinite().all())
+
+
+def _clip_(p: torch.Tensor, max_norm: float) -> None:
+    """``clip_grad_norm_([p], max_norm)``; a sharded gradient by the norm of the whole parameter
+    (one all-reduce), so every process scales its shard by the same coefficient."""
+    if not is_dtensor(p.grad):
+        torch.nn.utils.clip_grad_norm_([p], max_norm)
+        return
+    coef = torch.clamp(max_norm / (whole_norm(p.grad) + 1e-6), max=1.0)  # clip_grad_norm_'s arithmetic
+    local(p.grad).mul_(coef)
+
+
+def _agreement_group(optimizer, ddp):
+    """The process group whose ranks must take the same decisions (DDP's, or the mesh of the
+    optimizer's sharded parameters), else None."""
+    if ddp is not None:
+        return ddp.process_group
+    return next((p.device_mesh.get_group() for group in optimizer.param_groups for p in group["params"]
+                 if is_dtensor(p)), None)
 
 
 class InBackward:
@@ -73,7 +108,8 @@ class InBackward:
             ``P^T G`` (``accumulation.py``).
         max_grad_norm (float or None, None): clip gradients to this norm, > 0.
         two_pass (bool, False): exact global clipping and all-or-nothing steps for one more backward.
-        ddp (DistributedDataParallel or None, None): the DDP module wrapping the parameters.
+        ddp (DistributedDataParallel or None, None): the DDP module wrapping the parameters (not for
+            FSDP2, whose sharded parameters are found and handled as they are).
     """
 
     def __init__(self, optimizer, *, accumulate: int = 1, max_grad_norm: float | None = None,
@@ -89,6 +125,7 @@ class InBackward:
             raise RuntimeError("step_in_backward: this optimizer already has an active handle; remove() it first")
         self.optimizer = optimizer
         self.ddp = ddp
+        self._group = _agreement_group(optimizer, ddp)
         # the group's index, not the dict: load_state_dict (a resume, accelerate's device placement)
         # replaces the param-group dicts, and an LR scheduler then changes the new ones
         self._index = {p: (self._group_index(optimizer, group), key) for group, key, p in optimizer._keyed_params()}
@@ -126,11 +163,12 @@ class InBackward:
             self._update_pass(loss.backward)
 
     def _all_finite(self, loss: torch.Tensor) -> bool:
-        """Whether the loss is finite, agreed by every DDP rank (ranks must skip backward together)."""
+        """Whether the loss is finite, agreed by every DDP or FSDP2 rank (ranks must skip backward
+        together)."""
         finite = torch.isfinite(loss.detach()).all()
-        if self.ddp is not None:
+        if self._group is not None:
             flag = finite.to(torch.int32).reshape(1)
-            torch.distributed.all_reduce(flag, torch.distributed.ReduceOp.MIN, group=self.ddp.process_group)
+            torch.distributed.all_reduce(flag, torch.distributed.ReduceOp.MIN, group=self._group)
             finite = flag[0]
         return bool(finite)
 
@@ -170,7 +208,7 @@ class InBackward:
                 self._poison(key, p)
                 return
             if self._phase == "measure":
-                self._norms[p] = torch.linalg.vector_norm(grad, 2)
+                self._norms[p] = whole_norm(grad)  # a shard's: of the whole parameter (all-reduced)
                 p.grad = None
                 return
             count = self._count[p] = self._count.get(p, 0) + 1
@@ -222,9 +260,9 @@ class InBackward:
                 return
             opt._check_gradient(group, key, p)
             if self._clip_coef is not None:
-                p.grad.mul_(self._clip_coef.to(p.grad.device))
+                local(p.grad).mul_(self._clip_coef.to(p.grad.device))
             elif self.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_([p], self.max_grad_norm)
+                _clip_(p, self.max_grad_norm)
             opt._update_parameter(group, key, p)
             p.grad = None
         else:

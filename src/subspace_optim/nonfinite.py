@@ -100,3 +100,15 @@ class PendingSkips:
     def take(self) -> int:
         count, self.count = self.count, None
         return 0 if count is None else int(count)
+
+
+def nonfinite_agreed(grad: torch.Tensor) -> bool:
+    """Whether one gradient has a NaN or Inf, for a sharded (``DTensor``) gradient in any process's
+    shard: each process screens its local shard, then one all-reduce (max) of the flag over the
+    shard group gives every process the same answer. Updates inside backward screen each parameter
+    with it, so every process skips (or raises) together and enters the same collectives after."""
+    g = local(grad)
+    bad = _any_nonfinite([g]) and not bool(g.isfinite().all())  # a finite sum may overflow
+    if is_dtensor(grad):
+        bad = _all_reduce_flag(float(bad), dist.ReduceOp.MAX, grad.device_mesh.get_group(), g.device) > 0
+    return bad

@@ -219,3 +219,14 @@ def shards_of(param, left: bool, traffic: dict | None = None, kind: str = "step"
     if is_dtensor(param):
         return RowShards(param, left, traffic, kind)
     return WHOLE
+
+
+def whole_norm(grad) -> torch.Tensor:
+    """The 2-norm of the whole tensor (0-d fp32) from a ``DTensor``'s local shard: one all-reduce
+    (sum) of the local squared norm over the shard group, so every process gets the same value.
+    A plain tensor's norm is ``torch.linalg.vector_norm`` of it (``clip_grad_norm_``'s)."""
+    if not is_dtensor(grad):
+        return torch.linalg.vector_norm(grad, 2)
+    square = torch.linalg.vector_norm(local(grad), 2, dtype=torch.float32).square().reshape(1)
+    dist.all_reduce(square, group=grad.device_mesh.get_group())
+    return square[0].sqrt()
