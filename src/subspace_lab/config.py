@@ -243,9 +243,6 @@ def leaves(cls=TrainConfig) -> dict[str, str]:
 
 def _check_fsdp(cfg: TrainConfig) -> None:
     """What --fsdp does not combine with, before anything is built."""
-    if cfg.step_in_backward:
-        raise ValueError("config: --fsdp cannot be combined with --step-in-backward (the lab's "
-                         "updates inside backward are built for one process or DDP); drop one")
     for name in ("state_bits", "projector_bits"):
         bits = getattr(cfg.optim, name)
         if bits is not None and bits < 32:

@@ -188,8 +188,10 @@ def train(cfg: TrainConfig, data=None) -> TrainResult:
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" \
         else contextlib.nullcontext
     # updates inside backward (--step-in-backward): the optimizer's handle steps each weight as its
-    # gradient completes; no global gradient norm exists then (in_backward_step.py)
-    handle = in_backward_step.start(opt, cfg, model if info.enabled else None) if cfg.step_in_backward \
+    # gradient completes; no global gradient norm exists then (in_backward_step.py). Under DDP the
+    # handle all-reduces each bucket itself; under FSDP2 the hooks see the reduce-scattered shards.
+    ddp_model = model if info.enabled and not cfg.fsdp else None
+    handle = in_backward_step.start(opt, cfg, ddp_model) if cfg.step_in_backward \
         else None
 
     # ---- records: metrics.jsonl (mirrored to --report-to), overlap.jsonl, run files
