@@ -2,7 +2,7 @@
 
 torch's ``Optimizer.load_state_dict`` casts every floating per-parameter state tensor to the
 parameter's dtype (only the key ``step`` is spared): an fp32 projector of a bf16 weight would come
-back bf16 and a resumed run would no longer be bit-identical (shared/reference/testing.md B9). It
+back bf16 and a resumed run would no longer be bit-identical. It
 also returns tensors that alias the loaded dict when no cast is needed, so two optimizers loaded
 from one dict would update the same tensors. This mixin restores the listed keys at their saved
 dtype and gives every other state tensor its own storage.

@@ -2,7 +2,7 @@
 Optimization in LLM Pretraining", arXiv 2502.05790, NeurIPS 2025; first titled "I3S").
 
 The sampling law implemented (the papers' own code is not public; this follows every available
-description, see ``shared/reference/algorithms.md`` section 2):
+description; the README's "I3S sampling law" states it):
 
 1. Thin SVD of the gradient in fp32: ``G = U diag(s) V^T``, ``s_1 >= ... >= s_k``.
 2. Weights ``w_i = s_i / sum_j s_j``, proportional to the singular value itself (not its square).
