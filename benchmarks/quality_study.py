@@ -69,11 +69,27 @@ PLAIN_DIRS = [f"sweep-adamw-plain{suffix}" for suffix, _ in ADAMW_SWEEPS]
 SUBSPACE_DIRS = [d for d, _ in SUBSPACE_SWEEPS]
 
 
-def chosen(out: Path) -> dict[str, tuple[float, list[str]]]:
-    """method -> (best lr, extra compare flags), from the sweeps."""
-    dense = best_lr(out, SUBSPACE_DIRS, "galore")
-    return {"galore": (dense, []), "i3s": (best_lr(out, SUBSPACE_DIRS, "i3s"), []),
-            "adamw-fair": (best_lr(out, fair_dirs(dense), "adamw"), ["--dense-lr", f"{dense:g}"])}
+def chosen(out: Path, given: dict[str, float] | None = None) -> dict[str, tuple[float, list[str]]]:
+    """method -> (best lr, extra compare flags), from the sweeps or from ``--chosen``."""
+    if given is None:
+        given = {"galore": best_lr(out, SUBSPACE_DIRS, "galore"), "i3s": best_lr(out, SUBSPACE_DIRS, "i3s")}
+        given["adamw-fair"] = best_lr(out, fair_dirs(given["galore"]), "adamw")
+    dense = given["galore"]
+    return {"galore": (dense, []), "i3s": (given["i3s"], []),
+            "adamw-fair": (given["adamw-fair"], ["--dense-lr", f"{dense:g}"])}
+
+
+def parse_chosen(text: str | None) -> dict[str, float] | None:
+    """``galore=1e-2,i3s=1e-2,adamw-fair=3e-4`` -> a dict; every method named exactly once."""
+    if text is None:
+        return None
+    try:
+        given = {k.strip(): float(v) for k, v in (item.split("=") for item in text.split(","))}
+    except ValueError:
+        raise SystemExit(f"--chosen: expected method=lr,... got {text!r}")
+    if sorted(given) != ["adamw-fair", "galore", "i3s"]:
+        raise SystemExit(f"--chosen: name galore, i3s and adamw-fair once each, got {sorted(given)}")
+    return given
 
 
 def execute(commands: dict[str, list[str]], out: Path, jobs: int) -> None:
@@ -90,8 +106,16 @@ def execute(commands: dict[str, list[str]], out: Path, jobs: int) -> None:
         list(pool.map(one, todo.items()))
 
 
-def run(out: Path, jobs: int) -> None:
+def run(out: Path, jobs: int, given: dict[str, float] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    if given is None:
+        run_sweeps(out, jobs)
+    execute({full_dir(m, lr): compare(out / full_dir(m, lr), m.split("-")[0], f"{m.split('-')[0]}={lr:g}",
+                                      FULL_STEPS, SEEDS, extra)
+             for m, (lr, extra) in chosen(out, given).items()}, out, jobs)
+
+
+def run_sweeps(out: Path, jobs: int) -> None:
     execute({d: compare(out / d, "galore,i3s", f"{grid('galore', lrs)},{grid('i3s', lrs)}", SWEEP_STEPS, "0")
              for d, lrs in SUBSPACE_SWEEPS}, out, jobs)
     dense = best_lr(out, SUBSPACE_DIRS, "galore")
@@ -102,17 +126,22 @@ def run(out: Path, jobs: int) -> None:
     for (_, lrs), plain in zip(ADAMW_SWEEPS, PLAIN_DIRS):
         sweeps[plain] = compare(out / plain, "adamw", grid("adamw", lrs), SWEEP_STEPS, "0")
     execute(sweeps, out, jobs)
-    execute({full_dir(m, lr): compare(out / full_dir(m, lr), m.split("-")[0], f"{m.split('-')[0]}={lr:g}",
-                                      FULL_STEPS, SEEDS, extra)
-             for m, (lr, extra) in chosen(out).items()}, out, jobs)
 
 
 def full_dir(method: str, lr: float) -> str:
     return f"full-{method}-lr{lr:g}"
 
 
-def losses(phase_dir: Path) -> dict[int, float]:
-    return {int(r["seed"]): float(r["final_val_loss"]) for r in rows(phase_dir)}
+def finished(phase_dir: Path) -> dict[int, dict]:
+    """seed -> summary of every finished run of a full-run phase (a phase stopped part-way still
+    counts its finished seeds; the report pairs the seeds all three methods finished)."""
+    import json
+
+    out = {}
+    for summary in sorted(phase_dir.glob("*-seed*/summary.json")):
+        record = json.loads(summary.read_text())
+        out[int(record["seed"])] = record
+    return out
 
 
 def mean_std(values) -> str:
@@ -120,33 +149,50 @@ def mean_std(values) -> str:
     return f"{statistics.fmean(values):.4f} ± {statistics.stdev(values):.4f}"
 
 
-def report(out: Path, results: Path) -> None:
-    picks = chosen(out)
+def sweep_table(out: Path, dense: float, sweeps_csv: Path) -> dict[str, list[tuple[str, float, float]]]:
+    """phase -> [(optimizer, lr, val loss)] sorted by lr: from the sweep folders under ``out``, or,
+    where they are not there (full runs started with ``--chosen``), from ``sweeps_csv`` (columns
+    phase, optimizer, lr, final_val_loss), which keeps an earlier sweep's results."""
+    table: dict[str, list[tuple[str, float, float]]] = {}
+    if (out / SUBSPACE_DIRS[0] / "results.csv").exists():
+        for phase, dirs, opt in (("GaLore", SUBSPACE_DIRS, "galore"), ("I3S", SUBSPACE_DIRS, "i3s"),
+                                 (f"AdamW, dense lr {dense:g}", fair_dirs(dense), "adamw"),
+                                 ("AdamW, one lr", PLAIN_DIRS, "adamw")):
+            table[phase] = [(opt, float(r["lr"]), float(r["final_val_loss"])) for r in sweep_rows(out, dirs, opt)]
+    else:
+        with open(sweeps_csv) as f:
+            for r in csv.DictReader(f):
+                table.setdefault(r["phase"], []).append((r["optimizer"], float(r["lr"]), float(r["final_val_loss"])))
+    return {phase: sorted(found, key=lambda r: r[1]) for phase, found in table.items()}
+
+
+def report(out: Path, results: Path, given: dict[str, float] | None = None) -> None:
+    sweeps_csv = results / "quality_small_sweeps.csv"
+    picks = chosen(out, given)
     dense = picks["galore"][0]
     runs = {f"AdamW fair (dense lr {dense:g})": full_dir("adamw-fair", picks["adamw-fair"][0]),
             "GaLore": full_dir("galore", picks["galore"][0]), "I3S": full_dir("i3s", picks["i3s"][0])}
-    by = {label: losses(out / phase) for label, phase in runs.items()}
-    lrs = {label: float(rows(out / phase)[0]["lr"]) for label, phase in runs.items()}
-    state = {label: float(rows(out / phase)[0]["optimizer_state_mb"]) for label, phase in runs.items()}
+    done = {label: finished(out / phase) for label, phase in runs.items()}
+    seeds = sorted(set.intersection(*(set(d) for d in done.values())))
+    if len(seeds) < 2:
+        raise SystemExit(f"report: fewer than 2 seeds finished by all three methods ({seeds})")
+    by = {label: {s: float(d[s]["final_val_loss"]) for s in seeds} for label, d in done.items()}
+    lrs = {label: float(d[seeds[0]]["lr"]) for label, d in done.items()}
+    state = {label: d[seeds[0]]["optimizer_state_bytes"] / 2**20 for label, d in done.items()}
     fair = by[f"AdamW fair (dense lr {dense:g})"]
-    seeds = sorted(fair)
     lines = ["# Quality: I3S vs GaLore vs AdamW on the `small` LLaMA (CPU, KJV)", "",
              "`python benchmarks/quality_study.py run` then `report` (" + " ".join(COMMON) + "; sweeps "
              f"{SWEEP_STEPS} steps seed 0, full runs {FULL_STEPS} steps = {FULL_STEPS // 25} refreshes, "
-             f"seeds {SEEDS}). Validation loss = token-weighted mean NLL on the held-out split.", "",
+             f"seeds {', '.join(map(str, seeds))} of {SEEDS} finished by all three). Validation loss = token-weighted mean NLL on the held-out split.", "",
              "## Learning-rate sweeps (seed 0, 500 steps)", "", "| phase | optimizer | lr | val loss |",
              "|---|---|---|---|"]
-    for phase, dirs, opt in (("GaLore", SUBSPACE_DIRS, "galore"), ("I3S", SUBSPACE_DIRS, "i3s"),
-                             (f"AdamW, dense lr {dense:g}", fair_dirs(dense), "adamw"),
-                             ("AdamW, one lr", PLAIN_DIRS, "adamw")):
-        found = sorted(sweep_rows(out, dirs, opt), key=lambda r: float(r["lr"]))
-        best = min(found, key=lambda r: float(r["final_val_loss"]))
+    for phase, found in sweep_table(out, dense, sweeps_csv).items():
+        best = min(found, key=lambda r: r[2])
         for r in found:
-            mark = " (best)" if r is best else ""
-            lines.append(f"| {phase} | {opt} | {float(r['lr']):g}{mark} | {float(r['final_val_loss']):.4f} |")
+            lines.append(f"| {phase} | {r[0]} | {r[1]:g}{' (best)' if r is best else ''} | {r[2]:.4f} |")
         if best in (found[0], found[-1]):
             lines.append(f"| {phase} | | best lr on the grid's edge | |")
-    lines += ["", f"## Full runs ({FULL_STEPS} steps, 3 seeds)", "",
+    lines += ["", f"## Full runs ({FULL_STEPS} steps, {len(seeds)} seeds)", "",
               "| method | lr (matrices) | val loss | gap to fair AdamW (paired) | optimizer state MB |",
               "|---|---|---|---|---|"]
     for label, values in by.items():
@@ -175,8 +221,12 @@ def main() -> None:
     ap.add_argument("--out", default="runs/quality", type=Path)
     ap.add_argument("--results", default="benchmarks/results", type=Path)
     ap.add_argument("--jobs", type=int, default=1, help="compares run side by side (one thread each)")
+    ap.add_argument("--chosen", help="skip the sweeps and run the full runs at these lrs, e.g. "
+                    "galore=1e-2,i3s=1e-2,adamw-fair=3e-4 (the report then reads the sweep table from "
+                    "RESULTS/quality_small_sweeps.csv)")
     args = ap.parse_args()
-    run(args.out, args.jobs) if args.action == "run" else report(args.out, args.results)
+    given = parse_chosen(args.chosen)
+    run(args.out, args.jobs, given) if args.action == "run" else report(args.out, args.results, given)
 
 
 if __name__ == "__main__":
