@@ -184,12 +184,16 @@ def report(out: Path, results: Path, given: dict[str, float] | None = None) -> N
              "`python benchmarks/quality_study.py run` then `report` (" + " ".join(COMMON) + "; sweeps "
              f"{SWEEP_STEPS} steps seed 0, full runs {FULL_STEPS} steps = {FULL_STEPS // 25} refreshes, "
              f"seeds {', '.join(map(str, seeds))} of {SEEDS} finished by all three). Validation loss = token-weighted mean NLL on the held-out split.", "",
-             "## Learning-rate sweeps (seed 0, 500 steps)", "", "| phase | optimizer | lr | val loss |",
+             "## Learning-rate sweeps (seed 0, 500 steps)", ""]
+    if not (out / SUBSPACE_DIRS[0] / "results.csv").exists():
+        lines += [f"(From `{sweeps_csv.name}`: the sweeps of an earlier `run` whose run folders were not "
+                  "kept; the full runs were started with `--chosen` at their best lrs.)", ""]
+    lines += ["| phase | optimizer | lr | val loss |",
              "|---|---|---|---|"]
     for phase, found in sweep_table(out, dense, sweeps_csv).items():
         best = min(found, key=lambda r: r[2])
         for r in found:
-            lines.append(f"| {phase} | {r[0]} | {r[1]:g}{' (best)' if r is best else ''} | {r[2]:.4f} |")
+            lines.append(f"| {phase} | {r[0]} | {r[1]:g}{' (best)' if r is best else ''} | {r[2]:.3f} |")
         if best in (found[0], found[-1]):
             lines.append(f"| {phase} | | best lr on the grid's edge | |")
     lines += ["", f"## Full runs ({FULL_STEPS} steps, {len(seeds)} seeds)", "",
