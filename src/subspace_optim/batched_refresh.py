@@ -8,8 +8,16 @@ take a leading batch dimension on CPU and CUDA, which on a GPU turns B small lau
 Only the factorisation is shared. Each weight keeps its own law: the randomized method's test
 matrix is drawn from the weight's own counter-based stream and stacked, and the selector's choice
 (I3S's sampling included) runs per weight with its own generator. The per-weight path
-(``selector.select``) is the reference; :func:`refresh_batch` returns the same bases (bitwise on
-CPU with torch 2.13, where the batched kernels loop over the same per-matrix routines; tested).
+(``selector.select``) is the reference. Stacked, :func:`refresh_batch` returns the same bases to
+rounding: bitwise for the shapes tested, but not for every shape on CPU, where torch's batched
+matmul rounds differently from the 2-D one for small or unaligned matrices; so on CPU it factorises
+one weight at a time by default (``stacked=None``), which gives the per-weight bits exactly.
+
+The optimizer uses it with the param-group option ``batch_refresh=True`` (``refresh_stage.py``): at
+an ordinary ``step()``, the due weights are bucketed by :func:`batch_key` and each bucket of two or
+more is factorised by one call, before any weight is updated; a selector's ``choose`` therefore must
+not depend on another weight's step, nor write the state it is given (dominant and importance do
+neither).
 """
 
 from __future__ import annotations
@@ -27,15 +35,15 @@ def batch_key(selector, grad: torch.Tensor, rank: int, group: dict) -> tuple | N
     steps are no refresh)."""
     if not isinstance(selector, SpectralSelector) or selector.every_step:
         return None
-    method, options = method_options(group)
     count = selector.triplets(rank, tuple(grad.shape), group)
+    method, options = method_options(group, tuple(grad.shape), count)  # ``auto`` resolved per shape
     return (selector.name, tuple(grad.shape), grad.dtype, grad.device, count, method,
             tuple(sorted(options.items())))
 
 
 def refresh_batch(selector: SpectralSelector, grads: list[torch.Tensor],
                   previous: list[torch.Tensor | None], ranks: list[int],
-                  contexts: list[SelectionContext]) -> list[torch.Tensor]:
+                  contexts: list[SelectionContext], *, stacked: bool | None = None) -> list[torch.Tensor]:
     """The new bases of several weights, as ``[selector.select(g, p, r, c) for ...]`` would give.
 
     Args:
@@ -44,6 +52,13 @@ def refresh_batch(selector: SpectralSelector, grads: list[torch.Tensor],
         previous: each weight's current basis (k, r), or None at its first step.
         ranks: each weight's rank.
         contexts: each weight's :class:`SelectionContext` (its group, key and refresh index).
+        stacked: factorise the stacked (B, k, l) gradients in one call (True), or one weight at a
+            time through ``selector.select`` (False). None (default): stacked on accelerators, one
+            at a time on CPU. On CPU torch's batched kernels loop over the matrices anyway, and its
+            batched matmul does not round like the 2-D one for small or unaligned matrices
+            (measured, torch 2.13: ``bmm`` of (4, 5, 7) differs from ``mm`` in the last bits, and so
+            do ``gram``/``randomized`` bases at rank 3), so the CPU default keeps the per-weight
+            bits exactly, giving up stacking's small CPU gain (measured: ``docs/refresh.md``).
 
     All weights must have the same :func:`batch_key` (the optimizer buckets due weights by it);
     ``ValueError`` otherwise. Memory: the stacked gradients are one extra copy of the batch.
@@ -56,11 +71,13 @@ def refresh_batch(selector: SpectralSelector, grads: list[torch.Tensor],
     if len(keys) != 1 or None in keys:
         raise ValueError(f"refresh_batch: the weights need one batch key (selector, shape, dtype, device, "
                          f"triplets, svd_method and its options); got {len(keys)} distinct: {sorted(map(str, keys))}")
-    if len(grads) == 1:
-        return [selector.select(grads[0], previous[0], ranks[0], contexts[0])]
+    if stacked is None:
+        stacked = grads[0].device.type != "cpu"
+    if len(grads) == 1 or not stacked:
+        return [selector.select(g, p, r, c) for g, p, r, c in zip(grads, previous, ranks, contexts)]
     group = contexts[0].group
-    method, options = method_options(group)
     count = selector.triplets(ranks[0], tuple(grads[0].shape), group)
+    method, options = method_options(group, tuple(grads[0].shape), count)
     device = grads[0].device
     test_matrix = stacked_test_matrix([c.sketch_generator(device) for c in contexts]) if options else None
     stacked = torch.stack([g.detach().to(torch.float32) for g in grads])  # (B, k, l)

@@ -85,6 +85,15 @@ class SubspaceOptimizer(ParamGroupsMixin, PersistenceMixin, RefreshMixin, Optimi
             ``i * update_proj_gap // n``, so that refreshes (and the full gradients they need) are spread
             evenly over the gap instead of all falling on one step. Off in the presets: the papers
             refresh every weight together.
+        batch_refresh (bool, False): at a step where several weights are due for a refresh, factorise
+            the due weights of one shape (and selector, method, triplet count) by one batched linalg
+            call (``batched_refresh.refresh_batch``) instead of one call per weight; each weight keeps
+            its own random streams, transition and counters. On CPU that call factorises one weight
+            at a time, so the result is bitwise the per-weight path (tested); on accelerators it is
+            stacked, equal to rounding. Only ``dominant`` and ``importance`` refreshes batch; sharded
+            (FSDP2) weights, compiled steps and ``step_in_backward`` select per weight. Helps on GPUs
+            with many small equal-shape weights (``docs/refresh.md``). Off in the presets (the
+            reference path).
         scale (float, 1.0): multiplier of the projected update, > 0 (GaLore's alpha).
         side (str, "galore"): ``galore``, ``ldadam``, ``min_state``, ``left``, ``right`` or ``full``
             (``sides.py``); galore-torch's ``proj_type`` key is accepted in groups (``std``,
@@ -151,6 +160,7 @@ class SubspaceOptimizer(ParamGroupsMixin, PersistenceMixin, RefreshMixin, Optimi
         error_feedback: bool = False,
         svd_method: str = "svd",
         stagger_refresh: bool = False,
+        batch_refresh: bool = False,
         foreach: bool | None = None,
         rsvd_oversampling: float = RANDOMIZED_DEFAULTS["rsvd_oversampling"],
         rsvd_power_iters: int = RANDOMIZED_DEFAULTS["rsvd_power_iters"],
@@ -174,7 +184,8 @@ class SubspaceOptimizer(ParamGroupsMixin, PersistenceMixin, RefreshMixin, Optimi
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank,
             update_proj_gap=update_proj_gap, scale=scale, side=side, selector=selector,
             transition=transition, inner=inner, seed=seed, skipped_steps=0,
-            error_feedback=error_feedback, svd_method=svd_method, stagger_refresh=stagger_refresh, foreach=foreach,
+            error_feedback=error_feedback, svd_method=svd_method, stagger_refresh=stagger_refresh,
+            batch_refresh=batch_refresh, foreach=foreach,
             rsvd_oversampling=rsvd_oversampling, rsvd_power_iters=rsvd_power_iters,
             **{**owned, **options},
             differentiable=False,  # torch.optim adds it on load; present from the start keeps state_dicts equal
@@ -231,6 +242,7 @@ class SubspaceOptimizer(ParamGroupsMixin, PersistenceMixin, RefreshMixin, Optimi
 
     def _update_all(self, work) -> None:
         buckets: dict[tuple, list] = {}  # the grouped (foreach) path's batches
+        chosen = self._batched_selections(work)  # batch_refresh: bases of due weights (refresh_stage.py)
         for group, key, p in work:
             state = self.state.get(p)
             if self._is_projected(group, p):
@@ -241,7 +253,7 @@ class SubspaceOptimizer(ParamGroupsMixin, PersistenceMixin, RefreshMixin, Optimi
                   and not is_dtensor(p) and not compresses_dense(group, p)):
                 buckets.setdefault(("dense", id(group), p.device), []).append((group, p))
                 continue
-            self._update_parameter(group, key, p)
+            self._update_parameter(group, key, p, chosen.get(id(p)))
         for key, members in buckets.items():
             group, params = members[0][0], [p for _, p in members]
             states = [self.state[p] for p in params]
@@ -258,12 +270,13 @@ class SubspaceOptimizer(ParamGroupsMixin, PersistenceMixin, RefreshMixin, Optimi
                 and group["state_bits"] == 32 and group["projector_bits"] == 32
                 and not self._refresh_due(group, state))
 
-    def _update_parameter(self, group: dict, key: str, p: torch.Tensor) -> None:
+    def _update_parameter(self, group: dict, key: str, p: torch.Tensor, chosen: dict | None = None) -> None:
         """One parameter's update from its gradient, after the checks: the unit that ``step`` runs
-        for every parameter and that updates inside backward (``in_backward.py``) run one at a time."""
+        for every parameter and that updates inside backward (``in_backward.py``) run one at a time.
+        ``chosen``: the bases the batched refresh computed for it (``step`` with ``batch_refresh``)."""
         if self._is_projected(group, p):
             with decoded(self, group, p):  # compressed moments / projector as fp32 for the step
-                self._subspace_update(group, key, p)
+                self._subspace_update(group, key, p, chosen)
         elif compresses_dense(group, p):
             dense_update(self, group, p)
         else:
@@ -281,30 +294,28 @@ class SubspaceOptimizer(ParamGroupsMixin, PersistenceMixin, RefreshMixin, Optimi
         apply_update(p, numerator, d.denominator, d.step_size(group["lr"]), group["lr"],
                      group["weight_decay"], inner.decay_after_update)
 
-    def _subspace_update(self, group: dict, key: str, p: torch.Tensor) -> None:
+    def _subspace_update(self, group: dict, key: str, p: torch.Tensor, chosen: dict | None = None) -> None:
         fresh = p not in self.state
         try:
-            self._projected_step(group, key, p)
+            self._projected_step(group, key, p, chosen)
         except BaseException:
             if fresh:  # a failed first step leaves no half-made state behind
                 self.state.pop(p, None)
             raise
 
-    def _projected_step(self, group: dict, key: str, p: torch.Tensor) -> None:
+    def _projected_step(self, group: dict, key: str, p: torch.Tensor, chosen: dict | None = None) -> None:
         inner = INNER_RULES.lookup(group["inner"])
         feedback = FEEDBACK_STAGES[group["error_feedback"]]
         left, rank, _ = self._layout(group, p)
         state = self.state[p]
         if not state:
-            # plain ints: the refresh schedule reads them without a host sync (torch.compile)
-            state.update(step=0, inner_step=0, refresh_count=0, project_left=left,
-                         refresh_phase=self._refresh_phase(group, p))
+            state.update(self._initial_state(group, left, self._refresh_phase(group, p)))
         kind = "refresh" if self._refresh_due(group, state) else "step"
         shard = shards_of(p, left, self.communication, kind)
         # a sharded weight (FSDP2) steps on its local shards, with the same arithmetic
         view = {k: local(v) for k, v in state.items()} if shard.sharded else state
         grad = feedback.corrected_gradient(view, left_form(local(p.grad), left), left)  # (k, l) fp32
-        lost = self._refresh_if_due(group, key, p, view, grad, rank, inner, feedback, shard)
+        lost = self._refresh_if_due(group, key, p, view, grad, rank, inner, feedback, shard, chosen)
         basis = view["projector"]  # (k, r) fp32, orthonormal columns
         right = view.get("projector_right")  # (l, r), two-sided projections only
         view["step"] += 1

@@ -42,6 +42,7 @@ def validate_group(group: dict) -> None:
     check_int("seed", group["seed"], 0)
     check_bool("error_feedback", group["error_feedback"])
     check_bool("stagger_refresh", group["stagger_refresh"])
+    check_bool("batch_refresh", group.get("batch_refresh", False))
     validate_randomized(group)
     SELECTORS.validate(group)
     TRANSITIONS.validate(group)
