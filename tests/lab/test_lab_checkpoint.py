@@ -6,12 +6,16 @@ import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
 import torch
 
 from subspace_lab import checkpoint as ckpt
+
+# child processes import this tree's library, not whatever copy is installed (docs/testing.md, "Harness rules")
+TREE_ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
 
 
 def _objs(v: float) -> dict:
@@ -92,7 +96,7 @@ def test_sigkill_during_save_loses_nothing(tmp_path):  # H2 (b)
         torch.save = slow_save
         ckpt.save_checkpoint({str(tmp_path)!r}, 2, objs)
     """)
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=TREE_ENV)
     try:
         assert proc.stdout.readline().strip() == "WRITING"
         os.kill(proc.pid, signal.SIGKILL)
@@ -147,7 +151,7 @@ def test_sigkill_during_purge_leaves_no_half_deleted_checkpoint(tmp_path):  # H4
         shutil.rmtree = killed_midway
         ckpt.save_checkpoint({str(tmp_path)!r}, 2, objs, keep_last_k=1)
     """)
-    proc = subprocess.run([sys.executable, "-c", script])
+    proc = subprocess.run([sys.executable, "-c", script], env=TREE_ENV)
     assert proc.returncode == -signal.SIGKILL
     assert ckpt.find_latest_valid(tmp_path) == tmp_path / "step-000002"  # cleans on start
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000002"]

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -45,7 +46,9 @@ print(json.dumps(SQLiteStorage.get_logs(project="subspace", run=sys.argv[2])))
 def test_trackio_logs_locally_and_offline(tmp_path, lab_cache):
     out = tmp_path / "trackio-run"
     env = {**os.environ, "TRACKIO_DIR": str(tmp_path / "trackio"), "HF_HUB_OFFLINE": "1",
-           "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+           "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           # this tree's library, not whatever copy is installed (docs/testing.md, "Harness rules")
+           "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
     proc = subprocess.run([sys.executable, "-c", TRACKIO_RUN,
                            json.dumps(_argv(lab_cache, out, "--report-to", "trackio")), out.name],
                           capture_output=True, text=True, env=env)
