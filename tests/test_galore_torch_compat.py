@@ -2,7 +2,8 @@
 
 ``galore_torch_step`` below re-implements galore-torch 1.0's ``GaLoreAdamW.step`` (transformers'
 AdamW arithmetic around ``GaLoreProjector``) for one weight, so that the comparison runs without
-the package; only the singular-vector signs are canonicalised (ours), the documented deviation.
+the package. By default its singular-vector signs are canonicalised (ours, the documented deviation);
+with ``lapack_signs=True`` it keeps LAPACK's, exactly as galore-torch (``svd_method="lapack"``).
 """
 
 from __future__ import annotations
@@ -19,15 +20,20 @@ from subspace_optim.linalg import canonical_signs
 
 
 class GaLoreTorchReference:
-    """One weight trained by galore-torch's GaLoreAdamW (proj_type std/full), signs canonicalised."""
+    """One weight trained by galore-torch's GaLoreAdamW (proj_type std/full). Signs canonicalised,
+    or with ``lapack_signs`` LAPACK's as galore-torch keeps them: ``torch.linalg.svd`` of G (m, n) as
+    stored, ``U[:, :r]`` for m < n, ``Vh[:r, :]`` for m >= n, both for ``full``."""
 
-    def __init__(self, w, rank, gap, scale, proj_type, lr, betas, eps, wd):
+    def __init__(self, w, rank, gap, scale, proj_type, lr, betas, eps, wd, lapack_signs=False):
         self.w, self.rank, self.gap, self.scale, self.proj_type = w.clone(), rank, gap, scale, proj_type
         self.lr, self.betas, self.eps, self.wd = lr, betas, eps, wd
+        self.lapack_signs = lapack_signs
         self.step_count, self.ortho, self.m, self.v = 0, None, None, None
 
     def _svd(self, g):
         u, s, vh = torch.linalg.svd(g, full_matrices=False)
+        if self.lapack_signs:
+            return u, vh
         u = canonical_signs(u)
         vt = canonical_signs(vh.T)
         return u, vt.T
@@ -68,23 +74,106 @@ class GaLoreTorchReference:
             self.w.add_(self.w, alpha=-self.lr * self.wd)
 
 
-@pytest.mark.parametrize("shape", [(6, 10), (10, 6), (8, 8)])
-@pytest.mark.parametrize("proj_type", ["std", "full"])
-def test_adamw_hf_inner_reproduces_galore_torch_up_to_signs(shape, proj_type):
-    torch.manual_seed(0)
-    w = nn.Parameter(torch.randn(*shape))
+def _hyperparameters(proj_type):
     # Two-sided: at a refresh step P^T G Q is diagonal up to rounding noise (~1e-8), which Adam
     # normalises to O(noise / eps); a larger eps keeps that noise out of the comparison.
-    hp = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-6 if proj_type == "std" else 1e-3, wd=0.1)
-    ref = GaLoreTorchReference(w.detach(), rank=3, gap=4, scale=0.25, proj_type=proj_type, **hp)
-    opt = GaLoreAdamW([{"params": [w], "rank": 3, "update_proj_gap": 4, "scale": 0.25, "proj_type": proj_type}],
-                      lr=hp["lr"], betas=hp["betas"], eps=hp["eps"], weight_decay=hp["wd"], inner="adamw_hf")
+    return dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-6 if proj_type == "std" else 1e-3, wd=0.1)
+
+
+def _ours(w, proj_type, hp, **kwargs):
+    return GaLoreAdamW([{"params": [w], "rank": 3, "update_proj_gap": 4, "scale": 0.25, "proj_type": proj_type}],
+                       lr=hp["lr"], betas=hp["betas"], eps=hp["eps"], weight_decay=hp["wd"], inner="adamw_hf",
+                       **kwargs)
+
+
+def _trajectories(shape, proj_type, lapack_signs, seed=0, **kwargs):
+    """Yield (ours, reference) weights after each of 12 steps, refreshes every 4 (rank 3), on the
+    same random gradients; ours is ``GaLoreAdamW(..., inner="adamw_hf", **kwargs)``."""
+    torch.manual_seed(seed)
+    w = nn.Parameter(torch.randn(*shape))
+    hp = _hyperparameters(proj_type)
+    ref = GaLoreTorchReference(w.detach(), rank=3, gap=4, scale=0.25, proj_type=proj_type,
+                               lapack_signs=lapack_signs, **hp)
+    opt = _ours(w, proj_type, hp, **kwargs)
     for _ in range(12):
         g = torch.randn(*shape)
         w.grad = g.clone()
         opt.step()
         ref.step(g)
-        torch.testing.assert_close(w.detach(), ref.w, rtol=1e-5, atol=1e-6)
+        yield w.detach().clone(), ref.w.clone()
+
+
+@pytest.mark.parametrize("shape", [(6, 10), (10, 6), (8, 8)])
+@pytest.mark.parametrize("proj_type", ["std", "full"])
+def test_adamw_hf_inner_reproduces_galore_torch_up_to_signs(shape, proj_type):
+    for ours, ref in _trajectories(shape, proj_type, lapack_signs=False):
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(6, 10), (10, 6), (8, 8)])
+@pytest.mark.parametrize("proj_type", ["std", "full"])
+def test_svd_method_lapack_reproduces_galore_torch_exactly(shape, proj_type):
+    """``svd_method="lapack"``: galore-torch's SVD of G as stored with LAPACK's signs, also for right
+    projections (whose left form is G^T: LAPACK's signs of svd(G^T) are not those of svd(G))."""
+    for ours, ref in _trajectories(shape, proj_type, lapack_signs=True, svd_method="lapack"):
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(6, 10), (10, 6), (8, 8)])
+@pytest.mark.parametrize("proj_type", ["std", "full"])
+def test_canonical_signs_leave_galore_torchs_trajectory_after_a_refresh(shape, proj_type):
+    """The option matters: with our default (canonical) signs the run leaves the LAPACK-sign one
+    after a refresh whose sign flips differ from the previous basis' (``keep`` carries moments whose
+    vectors flipped), and agrees before the first refresh (one basis' overall signs cancel)."""
+    pairs = list(_trajectories(shape, proj_type, lapack_signs=True))
+    for ours, ref in pairs[:4]:
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+    gap = max((ours - ref).abs().max().item() for ours, ref in pairs)
+    assert gap > 1e-4, gap
+
+
+def test_svd_method_lapack_keeps_lapacks_signs_of_the_gradient_as_stored():
+    from subspace_optim.linalg import SVD_METHODS, svd_lapack_fp32
+
+    torch.manual_seed(0)
+    g = torch.randn(10, 6)  # a right projection: the selector's left form is g^T
+    u, s, vh = torch.linalg.svd(g, full_matrices=False)
+    uu, ss = SVD_METHODS["lapack"](g.T, 3, None, transposed=True)
+    assert torch.equal(uu, vh.T) and torch.equal(ss, s)
+    uu, ss = svd_lapack_fp32(g)
+    assert torch.equal(uu, u) and torch.equal(ss, s)
+    w = nn.Parameter(torch.zeros(10, 6))
+    w.grad = g.clone()
+    opt = GaLoreAdamW([{"params": [w], "rank": 3, "update_proj_gap": 4}], svd_method="lapack")
+    opt.step()
+    assert torch.equal(opt.state[w]["projector"], vh[:3].T)
+
+
+def test_svd_method_lapack_refuses_batch_refresh():
+    w = nn.Parameter(torch.zeros(6, 10))
+    with pytest.raises(ValueError, match="svd_method='lapack'"):
+        GaLoreAdamW([{"params": [w], "rank": 3}], svd_method="lapack", batch_refresh=True)
+
+
+@pytest.mark.parametrize("shape", [(6, 10), (10, 6), (8, 8)])
+@pytest.mark.parametrize("proj_type", ["std", "full"])
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_svd_method_lapack_matches_the_real_galore_torch(shape, proj_type):
+    galore_torch = pytest.importorskip("galore_torch")
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(*shape))
+    theirs_w = nn.Parameter(w.detach().clone())
+    hp = _hyperparameters(proj_type)
+    opt = _ours(w, proj_type, hp, svd_method="lapack")
+    theirs = galore_torch.GaLoreAdamW(
+        [{"params": [theirs_w], "rank": 3, "update_proj_gap": 4, "scale": 0.25, "proj_type": proj_type}],
+        lr=hp["lr"], betas=hp["betas"], eps=hp["eps"], weight_decay=hp["wd"])
+    for _ in range(12):
+        g = torch.randn(*shape)
+        w.grad, theirs_w.grad = g.clone(), g.clone()
+        opt.step()
+        theirs.step()
+        torch.testing.assert_close(w.detach(), theirs_w.detach(), rtol=1e-5, atol=1e-6)
 
 
 def test_two_sided_state_is_r_by_r_and_the_update_is_P_N_Q():

@@ -66,3 +66,33 @@ def test_first_basis_comes_from_the_chosen_factorisation(selector, method):
     opt.step()
     expected = (svd_gram_fp32 if method == "gram" else svd_fp32)(grad)[0][:, :2]
     assert torch.equal(opt.state[w]["projector"], expected)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_lapack_method_is_galore_torchs_svd_of_the_gradient_as_stored(transposed):
+    """``svd_method="lapack"``: LAPACK's singular vectors of the gradient as stored, signs kept; for a
+    left form that is the stored gradient's transpose, the stored gradient's ``Vh^T``."""
+    from subspace_optim.linalg import SVD_METHODS
+
+    a = torch.randn(7, 12, generator=torch.Generator().manual_seed(1))
+    stored = a.T.contiguous() if transposed else a
+    u, s, vh = torch.linalg.svd(stored, full_matrices=False)
+    expected = vh.T if transposed else u
+    got_u, got_s = SVD_METHODS["lapack"](a, None, None, transposed=transposed)
+    assert torch.equal(got_u, expected) and torch.equal(got_s, s)
+    # the selectors pass the orientation from the state (a right projection: project_left False)
+    ctx = SelectionContext({"project_left": not transposed}, {"seed": 0, "svd_method": "lapack"}, "w", 0)
+    assert torch.equal(get_selector("dominant").select(a, None, 3, ctx), expected[:, :3])
+    basis = get_selector("importance").select(a, None, 3, ctx)  # I3S samples LAPACK's vectors
+    assert all(any(torch.equal(basis[:, j], expected[:, i]) for i in range(7)) for j in range(3))
+
+
+def test_lapack_method_refuses_sharded_weights():
+    from subspace_optim.sharding import Whole
+
+    class Sharded(Whole):
+        sharded = True
+
+    ctx = SelectionContext({}, {"seed": 0, "svd_method": "lapack"}, "w", 0, shard=Sharded())
+    with pytest.raises(ValueError, match="svd_method='lapack'"):
+        get_selector("dominant").select(torch.randn(4, 6), None, 2, ctx)

@@ -18,7 +18,8 @@ Rules (group key ``inner``), all with decoupled weight decay applied by the opti
 - ``adamw_hf``: the arithmetic of transformers' (deprecated) ``AdamW``, on which galore-torch's
   ``GaLoreAdamW`` is built: epsilon added before the bias correction, the step size
   ``lr * sqrt(1 - beta2^t) / (1 - beta1^t)``, weight decay applied after the update. With
-  ``svd_method="lapack"`` it reproduces a galore-torch run (see the README's deviations list).
+  ``svd_method="lapack"`` it reproduces a galore-torch run (see the README's galore-torch note: by
+  default our singular-vector signs are canonical, galore-torch keeps LAPACK's).
 - ``sgd``: heavy-ball momentum as ``torch.optim.SGD`` (dampening 0, no Nesterov), key ``momentum``
   in [0, 1) (default 0.9). A buffer is kept even with ``momentum=0`` so that the state layout does
   not depend on a runtime value. Deviation from ``torch.optim.SGD``: weight decay is decoupled.

@@ -1,8 +1,9 @@
 """Linear algebra in fp32 for subspace selection: SVD, QR, random bases, subspace overlap.
 
 ``SVD_METHODS`` (the ``svd_method`` group key) names the factorisations of a gradient: ``svd`` (the
-reference), ``gram`` (exact, faster), ``randomized`` (``randomized.py``: the leading triplets only)
-and ``auto`` (``auto_svd.py``: per shape, the cheaper of ``gram`` and a randomized plan).
+reference), ``gram`` (exact, faster), ``randomized`` (``randomized.py``: the leading triplets only),
+``auto`` (``auto_svd.py``: per shape, the cheaper of ``gram`` and a randomized plan) and ``lapack``
+(galore-torch's arithmetic: the SVD of the gradient as stored, LAPACK's signs).
 
 Every factorisation here runs in float32 (or float64 on a retry) whatever the parameter dtype:
 ``torch.linalg.svd`` has no bf16 kernel, and a low-precision basis would drift from orthonormality.
@@ -49,6 +50,35 @@ def svd_fp32(matrix: torch.Tensor, count: int | None = None, test_matrix=None
         u, s, _ = torch.linalg.svd(a.double(), full_matrices=False)
         u, s = u.float(), s.float()
     return canonical_signs(u), s
+
+
+def svd_lapack_fp32(matrix: torch.Tensor, count: int | None = None, test_matrix=None, *,
+                    transposed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """galore-torch's factorisation (``svd_method="lapack"``): ``U`` (..., k, min(k, l)) and ``S`` of
+    the left-form ``matrix`` (..., k, l) from ``torch.linalg.svd`` of the gradient *as stored*, with
+    LAPACK's singular-vector signs kept (no :func:`canonical_signs`).
+
+    galore-torch's ``GaLoreProjector`` factorises the fp32 gradient G (m, n) as the weight stores it
+    and takes ``U[:, :r]`` for a left projection, ``Vh[:r, :]`` for a right one (and both, from the
+    one SVD, for ``proj_type="full"``). A right projection's left form is ``A = G^T``, and LAPACK's
+    signs of ``svd(G^T)`` are not those of ``svd(G)`` (measured, torch 2.13 CPU: they differ for most
+    random matrices), so with ``transposed=True`` (``matrix`` is the transpose of the gradient as
+    stored; the selector passes it) this factorises ``matrix^T`` and returns ``Vh^T``. Under the
+    ``keep`` transition a flipped vector flips the meaning of its moments, so only these signs
+    reproduce a galore-torch trajectory (with ``inner="adamw_hf"``).
+
+    Not reproducible across BLAS/LAPACK libraries or devices (the signs are whatever the library
+    returns; so are galore-torch's); no float64 retry, as galore-torch has none: a convergence failure
+    raises ``torch.linalg.LinAlgError``. ``count`` and ``test_matrix`` are unused (an exact method
+    returns every triplet). Whole gradients only: sharded (DTensor) weights are refused at the
+    refresh (``SelectionContext.factorize``).
+    """
+    a = matrix.detach().to(torch.float32)
+    if transposed:
+        _, s, vh = lapack(lambda m: torch.linalg.svd(m, full_matrices=False), a.mT.contiguous())
+        return vh.mT.contiguous(), s
+    u, s, _ = lapack(lambda m: torch.linalg.svd(m, full_matrices=False), a)
+    return u, s
 
 
 def svd_gram_fp32(matrix: torch.Tensor, count: int | None = None, test_matrix=None
@@ -130,7 +160,8 @@ def _svd_methods() -> dict:
     from .auto_svd import auto_svd_fp32  # both build on the exact methods above
     from .randomized import randomized_svd_fp32
 
-    return {"svd": svd_fp32, "gram": svd_gram_fp32, "randomized": randomized_svd_fp32, "auto": auto_svd_fp32}
+    return {"svd": svd_fp32, "gram": svd_gram_fp32, "randomized": randomized_svd_fp32, "auto": auto_svd_fp32,
+            "lapack": svd_lapack_fp32}
 
 
 # name -> f(matrix (..., k, l), count, test_matrix, **options) -> (U (..., k, c), S (..., c))

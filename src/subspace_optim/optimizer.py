@@ -116,7 +116,10 @@ class SubspaceOptimizer(ParamGroupsMixin, PersistenceMixin, RefreshMixin, Optimi
             triplets, ``randomized.py``; I3S then samples the whole spectrum from an exact
             factorisation unless ``importance_pool`` restricts it to the top ``pool * r``) or
             ``auto`` (per weight shape, the cheapest of ``gram`` and planned randomized settings
-            predicted to capture 99% of the exact top-r energy, ``auto_svd.py``).
+            predicted to capture 99% of the exact top-r energy, ``auto_svd.py``) or ``lapack``
+            (galore-torch's arithmetic: the SVD of the gradient as stored, LAPACK's signs kept instead
+            of canonical ones; with ``inner="adamw_hf"`` it reproduces a galore-torch run on the same
+            BLAS library and device; whole weights, ``batch_refresh=False``; ``linalg.svd_lapack_fp32``).
         rsvd_oversampling (float, 0.5, >= 0), rsvd_power_iters (int, 1, >= 0): the randomized
             method's extra sketch columns (a fraction of the rank) and power iterations.
         subspace (bool or None, None): default for groups that set neither ``subspace`` nor a GaLore

@@ -43,6 +43,10 @@ def validate_group(group: dict) -> None:
     check_bool("error_feedback", group["error_feedback"])
     check_bool("stagger_refresh", group["stagger_refresh"])
     check_bool("batch_refresh", group.get("batch_refresh", False))
+    if group["svd_method"] == "lapack" and group.get("batch_refresh", False):
+        # a stacked batch mixes weights stored as G and as G^T under one left-form shape
+        raise ValueError("batch_refresh must be False with svd_method='lapack' (galore-torch's arithmetic "
+                         "factorises each gradient as stored, one weight at a time)")
     validate_randomized(group)
     SELECTORS.validate(group)
     TRANSITIONS.validate(group)

@@ -15,10 +15,14 @@ from ..components import Component
 from ..randomized import gaussian_test_matrix, method_options
 from ..rng import generator_for
 from ..sharding import WHOLE, Whole
+from ..sides import two_sided
 
 # Prefix of the randomized SVD's stream key: its own stream, so that a selector's sampling draws
 # the same numbers whichever ``svd_method`` factorised the gradient.
 SKETCH_KEY_PREFIX = "sketch\x1e"
+# Suffix of a two-sided projection's right-basis key (``refresh_stage.py`` selects Q from G^T under
+# ``key + "/right"``): how a context knows its gradient is the transpose of the left form.
+RIGHT_KEY_SUFFIX = "/right"
 
 
 @dataclass
@@ -47,6 +51,17 @@ class SelectionContext:
         """The generator of the randomized SVD's test matrix (``svd_method="randomized"``)."""
         return generator_for(self.group["seed"], SKETCH_KEY_PREFIX + self.key, self.refresh_index, device)
 
+    @property
+    def transposed(self) -> bool:
+        """Whether the gradient this context selects for is the transpose of the weight's gradient as
+        stored: a right projection's left form (``state["project_left"]`` False), or the right basis
+        of a two-sided one (selected from G^T under ``key + "/right"``). Read by
+        ``svd_method="lapack"``, which factorises the gradient as stored (galore-torch's arithmetic)."""
+        left = self.state.get("project_left", True)
+        if two_sided(self.group.get("side", "galore")) and self.key.endswith(RIGHT_KEY_SUFFIX):
+            return left
+        return not left
+
     def factorize(self, grad: torch.Tensor, count: int | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``U`` (k, c) with orthonormal columns and ``S`` (c,) descending, of ``grad`` (k, l) by the
@@ -56,10 +71,17 @@ class SelectionContext:
         ``count`` is how many leading triplets the caller needs (None: the whole spectrum). The exact
         methods (``svd``, ``gram``) return all ``c = min(k, l)``; ``randomized`` returns ``count``
         (or all, when a sketch would be as large as the matrix), from this weight's own test matrix;
-        ``auto`` is one of these, chosen by the whole gradient's shape and ``count``.
+        ``auto`` is one of these, chosen by the whole gradient's shape and ``count``; ``lapack``
+        (galore-torch's arithmetic) factorises the gradient as stored (:attr:`transposed`), for whole
+        weights only (``ValueError`` for a sharded one).
         """
         method, options = method_options(self.group, self.shard.whole_shape(grad.shape), count)
         test_matrix = gaussian_test_matrix(self.sketch_generator(grad.device)) if options else None
+        if method == "lapack":
+            if self.shard.sharded:
+                raise ValueError(f"svd_method='lapack' (galore-torch's arithmetic) factorises a whole gradient; "
+                                 f"{self.key} is sharded (DTensor): use svd_method='svd' or 'gram'")
+            options = {"transposed": self.transposed}
         return nonzero_factors(*self.shard.factorize(grad, method, count, test_matrix, options))
 
 

@@ -1,7 +1,8 @@
 """GaLore's dominant subspace (Zhao et al., "GaLore: Memory-Efficient LLM Training by Gradient
 Low-Rank Projection", arXiv 2403.03507): the top-r left singular vectors of the gradient, by an fp32
 thin SVD (or the group's ``svd_method``: ``gram``, exact; ``randomized``, only the top r computed).
-Ties in the spectrum are broken by LAPACK's order; signs are canonicalised."""
+Ties in the spectrum are broken by LAPACK's order; signs are canonicalised (``svd_method="lapack"``:
+LAPACK's, of the gradient as stored, as galore-torch)."""
 
 from __future__ import annotations
 
