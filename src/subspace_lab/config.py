@@ -85,10 +85,13 @@ class OptimConfig:
                                 "rotate")
     inner: str | None = _f(None, "the optimizer inside the subspace: adam, lion, sgd")
     side: str | None = _f(None, "which side is projected: galore, ldadam, min_state, left, right")
-    svd_method: str | None = _f(None, "factorisation at a refresh: svd (reference) or gram "
-                                "(eigh of the Gram matrix, faster)")
+    svd_method: str | None = _f(None, "factorisation at a refresh: svd (reference), gram (eigh "
+                                "of the Gram matrix, exact, faster), randomized, auto (per shape) "
+                                "or lapack (galore-torch's signs; docs/refresh.md)")
     stagger_refresh: bool | None = _f(None, "true: spread the weights' refreshes evenly over "
                                       "the gap instead of all on one step")
+    batch_refresh: bool | None = _f(None, "true: refresh weights of one shape with one batched "
+                                    "linalg call (docs/refresh.md)")
     error_feedback: bool | None = _f(None, "true: keep what the projection loses and add it to "
                                      "the next gradient (LDAdam's)")
     momentum: float | None = _f(None, "momentum of --inner sgd")
