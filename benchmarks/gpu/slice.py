@@ -4,8 +4,8 @@
 
 Each call continues the method's run from its newest valid checkpoint (`subspace pretrain
 --resume`) for at most `--slice-steps` steps, checkpoints and stops (`--stop-at`), so a run of
-`--total-steps` advances in slices that each fit a short GPU lease (measured speeds:
-benchmarks/results/gpu_h200.md). A slice that finds the
+`--total-steps` advances in slices that each fit a short GPU lease (no GPU speed has been
+measured yet: pick `--slice-steps` from the first slice's log). A slice that finds the
 run finished only prints its summary. Settings (the same for every method, as in a fair
 comparison): GaLore's 60M LLaMA (hidden 512, 8 layers, vocab 32000 from a BPE trained on the
 corpus), sequence 256, batch 16, warmup 10% then cosine to 10%, clip 1.0, bf16 autocast, rank 128
@@ -40,6 +40,8 @@ def main() -> int:
     ap.add_argument("--slice-steps", type=int, default=2000)
     ap.add_argument("--total-steps", type=int, default=10_000)
     ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--dense-lr", type=float, default=None,
+                    help="lr of the parameters outside the projected matrices (a fair AdamW: the subspace runs' lr)")
     ap.add_argument("--source", default="kjv")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--model", default="60m", help="another shape for a quick check (e.g. micro)")
@@ -59,6 +61,8 @@ def main() -> int:
            "--checkpoint-every", str(args.slice_steps), "--keep-last-k", "1",
            "--eval-every", "1000", "--eval-batches", "16", "--log-every", "100",
            "--seed", str(args.seed), "--device", args.device, "--out-dir", str(run_dir), "--no-progress"]
+    if args.dense_lr is not None:
+        cmd += ["--dense-lr", str(args.dense_lr)]
     if args.method != "adamw":
         cmd += ["--rank", "128", "--update-proj-gap", "200", "--scale", "0.25"]
     if done:
