@@ -144,8 +144,11 @@ def finished(phase_dir: Path) -> dict[int, dict]:
     return out
 
 
-def mean_std(values) -> str:
+def summary(values) -> str:
+    """mean ± std over seeds, or the one value."""
     values = list(values)
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
     return f"{statistics.fmean(values):.4f} ± {statistics.stdev(values):.4f}"
 
 
@@ -173,17 +176,19 @@ def report(out: Path, results: Path, given: dict[str, float] | None = None) -> N
     runs = {f"AdamW fair (dense lr {dense:g})": full_dir("adamw-fair", picks["adamw-fair"][0]),
             "GaLore": full_dir("galore", picks["galore"][0]), "I3S": full_dir("i3s", picks["i3s"][0])}
     done = {label: finished(out / phase) for label, phase in runs.items()}
-    seeds = sorted(set.intersection(*(set(d) for d in done.values())))
-    if len(seeds) < 2:
-        raise SystemExit(f"report: fewer than 2 seeds finished by all three methods ({seeds})")
-    by = {label: {s: float(d[s]["final_val_loss"]) for s in seeds} for label, d in done.items()}
-    lrs = {label: float(d[seeds[0]]["lr"]) for label, d in done.items()}
-    state = {label: d[seeds[0]]["optimizer_state_bytes"] / 2**20 for label, d in done.items()}
-    fair = by[f"AdamW fair (dense lr {dense:g})"]
+    fair_label = f"AdamW fair (dense lr {dense:g})"
+    if not all(done.values()):
+        raise SystemExit(f"report: a method has no finished full run: { {k: sorted(v) for k, v in done.items()} }")
+    by = {label: {s: float(r["final_val_loss"]) for s, r in d.items()} for label, d in done.items()}
+    lrs = {label: float(next(iter(d.values()))["lr"]) for label, d in done.items()}
+    state = {label: next(iter(d.values()))["optimizer_state_bytes"] / 2**20 for label, d in done.items()}
+    fair = by[fair_label]
+    seeds = sorted(set.intersection(*(set(d) for d in by.values())))  # finished by all three
+    pair = sorted(set(by["GaLore"]) & set(by["I3S"]))
     lines = ["# Quality: I3S vs GaLore vs AdamW on the `small` LLaMA (CPU, KJV)", "",
              "`python benchmarks/quality_study.py run` then `report` (" + " ".join(COMMON) + "; sweeps "
              f"{SWEEP_STEPS} steps seed 0, full runs {FULL_STEPS} steps = {FULL_STEPS // 25} refreshes, "
-             f"seeds {', '.join(map(str, seeds))} of {SEEDS} finished by all three). Validation loss = token-weighted mean NLL on the held-out split.", "",
+             f"planned seeds {SEEDS}; finished: " + "; ".join(f"{k} {sorted(v)}" for k, v in by.items()) + "). Validation loss = token-weighted mean NLL on the held-out split.", "",
              "## Learning-rate sweeps (seed 0, 500 steps)", ""]
     if not (out / SUBSPACE_DIRS[0] / "results.csv").exists():
         lines += [f"(From `{sweeps_csv.name}`: the sweeps of an earlier `run` whose run folders were not "
@@ -196,24 +201,27 @@ def report(out: Path, results: Path, given: dict[str, float] | None = None) -> N
             lines.append(f"| {phase} | {r[0]} | {r[1]:g}{' (best)' if r is best else ''} | {r[2]:.3f} |")
         if best in (found[0], found[-1]):
             lines.append(f"| {phase} | | best lr on the grid's edge | |")
-    lines += ["", f"## Full runs ({FULL_STEPS} steps, {len(seeds)} seeds)", "",
-              "| method | lr (matrices) | val loss | gap to fair AdamW (paired) | optimizer state MB |",
-              "|---|---|---|---|---|"]
+    lines += ["", f"## Full runs ({FULL_STEPS} steps)", "",
+              "| method | lr (matrices) | seeds | val loss | gap to fair AdamW (seeds both finished) | optimizer state MB |",
+              "|---|---|---|---|---|---|"]
     for label, values in by.items():
-        gap = [values[s] - fair[s] for s in seeds]
-        lines.append(f"| {label} | {lrs[label]:g} | {mean_std(values.values())} | "
-                     f"{mean_std(gap) if label.startswith(('GaLore', 'I3S')) else '-'} | {state[label]:.2f} |")
+        shared = sorted(set(values) & set(fair))
+        gap = summary([values[s] - fair[s] for s in shared]) if label != fair_label else "-"
+        lines.append(f"| {label} | {lrs[label]:g} | {len(values)} | {summary(values.values())} | {gap} | "
+                     f"{state[label]:.2f} |")
+    diff = [by["I3S"][s] - by["GaLore"][s] for s in pair]
     g_gap = [by["GaLore"][s] - fair[s] for s in seeds]
     i_gap = [by["I3S"][s] - fair[s] for s in seeds]
-    diff = [by["I3S"][s] - by["GaLore"][s] for s in seeds]
-    mean_g = statistics.fmean(g_gap)
-    reduction = 1 - statistics.fmean(i_gap) / mean_g if mean_g else float("nan")
-    spread = statistics.stdev(diff) / abs(mean_g) if mean_g else float("nan")
-    lines += ["", f"- I3S - GaLore, seed-paired: {mean_std(diff)} nats "
+    mean_g = statistics.fmean(g_gap) if g_gap else float("nan")
+    reduction = 1 - statistics.fmean(i_gap) / mean_g if g_gap and mean_g else float("nan")
+    lines += ["", f"- I3S - GaLore, seed-paired over seeds {pair}: {summary(diff)} nats "
               f"({'I3S better' if statistics.fmean(diff) < 0 else 'GaLore better'} on average; "
               f"{sum(d < 0 for d in diff)} of {len(diff)} seeds favour I3S).",
-              f"- Relative reduction of GaLore's gap to fair AdamW by I3S: {reduction:+.1%} "
-              f"(± {spread:.1%} from the seed-paired spread; GaLore's mean gap {mean_g:+.4f})."]
+              f"- Relative reduction of GaLore's gap to fair AdamW by I3S over seeds {seeds}: {reduction:+.1%} "
+              f"(GaLore's gap {mean_g:+.4f}, I3S's {statistics.fmean(i_gap) if i_gap else float('nan'):+.4f})"
+              + (f"; spread of the seed-paired I3S - GaLore difference relative to GaLore's gap: "
+                 f"± {statistics.stdev(diff) / abs(mean_g):.1%}." if len(diff) >= 2 and g_gap and mean_g else
+                 "; one seed: no uncertainty can be given.")]
     results.mkdir(parents=True, exist_ok=True)
     (results / "quality_small.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
