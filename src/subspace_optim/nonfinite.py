@@ -103,8 +103,8 @@ class PendingSkips:
 
 
 def nonfinite_agreed(grad: torch.Tensor) -> bool:
-    """Whether one gradient has a NaN or Inf, for a sharded (``DTensor``) gradient in any process's
-    shard: each process screens its local shard, then one all-reduce (max) of the flag over the
+    """Whether one gradient has a NaN or Inf (one sum reads it once; only a non-finite sum pays for
+    the exact search); for a sharded (``DTensor``) gradient in any process's shard: each process screens its local shard, then one all-reduce (max) of the flag over the
     shard group gives every process the same answer. Updates inside backward screen each parameter
     with it, so every process skips (or raises) together and enters the same collectives after."""
     g = local(grad)
